@@ -1,0 +1,2242 @@
+"""flexVDI Gateway: the single public entry point of a flexVDI platform.
+
+Clients on the internet reach only this process. It
+  * forwards their JSON requests under ``/vdi/`` to the flexVDI Manager (or, with
+    LDAP configured, to the manager the directory names for the user);
+  * rewrites the manager's desktop answer so that the client comes back here with an
+    opaque token instead of the desktop's internal address and port;
+  * carries each Spice channel of the desktop inside a WebSocket (RFC 6455) to the
+    desktop's Spice port on an internal host.
+The wire contract is PROTOCOL.md; this module follows it section by section.
+
+Thread model (every thread is named, so ``py-spy dump`` reads like this list):
+  MainThread      command line, log handlers, signals, waits for SIGTERM/SIGHUP.
+  listener-tls    accept loop of the TLS port; never reads from a client, so a
+  listener-plain  client that connects and says nothing blocks nobody.
+  conn-N          one per accepted connection: TLS handshake, HTTP requests with
+                  keep-alive, and for a tunnel the client -> desktop relay.
+  conn-N-down     the desktop -> client relay of a tunnel.
+A tunnel therefore costs two threads. Both wait in ``select.poll`` and then do a
+non-blocking read or write. OpenSSL objects are not thread-safe, so every call on a
+tunnel's TLS socket happens under that tunnel's lock, and the lock is never held
+while waiting.
+
+Shared state (tokens, the LDAP cache, the open tunnels, the TLS context) lives in
+one ``Gateway`` object, each piece behind its own lock. Everything that belongs to
+one connection lives on its thread's stack and in its ``Tunnel``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import dataclasses
+import errno
+import hashlib
+import http
+import http.client
+import itertools
+import json
+import logging
+import logging.handlers
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import socketserver
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("flexvdi_gateway")
+
+
+# =====================================================================================
+# Configuration
+# =====================================================================================
+#
+# One frozen dataclass, built once by load_config(path) and passed down explicitly.
+# Each field carries the JSON key admins write and a line saying what it means; the
+# README's reference table is generated from the same words.
+
+DEFAULT_CONFIG_PATH = "/etc/flexvdi/flexvdi-gateway.conf"
+
+
+class ConfigError(Exception):
+    """The configuration file is unusable; the message names file, key and fault."""
+
+
+def _key(name: str, default: Any, doc: str, secret: bool = False) -> Any:
+    return dataclasses.field(default=default, repr=not secret,
+                             metadata={"key": name, "doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    manager_address: str = _key(
+        "ManagerIP", "", "the flexVDI Manager, `host` or `host:port` (port 443 if omitted)")
+    ssl_port: int = _key("SslPort", 443, "TLS port the clients connect to")
+    first_spice_port: int = _key(
+        "FirstSpicePort", 5900, "lowest desktop Spice port a tunnel may reach")
+    last_spice_port: int = _key(
+        "LastSpicePort", 25900, "highest desktop Spice port a tunnel may reach")
+    cert_file: str = _key(
+        "CertFile", "/etc/ssl/certs/flexvdi-agent",
+        "PEM certificate; created self-signed if it does not exist")
+    key_file: str = _key(
+        "KeyFile", "/etc/ssl/certs/flexvdi-agent", "PEM private key (may be the CertFile)")
+    keepalive_s: float = _key(
+        "KeepAlive", 0, "seconds between WebSocket Pings to `ver>=2` clients; 0 = off")
+    debug: bool = _key("Debug", False, "log per-request and per-tunnel detail")
+    listen_ip: str = _key("ListenIP", "", "address to listen on; empty = all addresses")
+    plain_port: int = _key(
+        "PlainPort", 0, "plain-HTTP port for a TLS-terminating reverse proxy; 0 = off")
+    pong_timeout_s: float = _key(
+        "PongTimeout", 10, "seconds a Ping may stay unanswered (with silence) before the tunnel closes")
+    ldap_server: str = _key(
+        "LDAPServer", "", "directory host (or ldap:// / ldaps:// URL); empty = no LDAP")
+    ldap_port: int = _key("LDAPPort", 389, "directory port (636 implies LDAPS)")
+    ldap_username: str = _key(
+        "LDAPUsername", "", "bind DN (or user@domain); empty = anonymous bind")
+    ldap_password: str = _key("LDAPPassword", "", "bind password", secret=True)
+    ldap_base_dn: str = _key("LDAPBaseDN", "", "where users are searched")
+    ldap_search_rdn: str = _key("LDAPSearchRDN", "", "attribute matched against the username, e.g. `uid`")
+    ldap_attribute: str = _key("LDAPAttribute", "", "attribute holding the user's manager address")
+    ldap_one_shot: bool = _key(
+        "LDAPOneShot", True, "search one level below the base (false = whole subtree)")
+    ldap_fallback: bool = _key(
+        "LDAPFallback", True, "use ManagerIP when the directory has no manager for the user")
+    ldap_cache_s: float = _key(
+        "LDAPCacheSecs", 3600, "seconds a directory answer is cached; 0 = no cache")
+    token_timeout_s: float = _key(
+        "TokenTimeout", 300, "seconds a token stays valid with no tunnel open")
+    public_address: str = _key(
+        "PublicAddress", "", "spice_address handed to clients; empty = the name they used")
+    manager_ca_file: str = _key(
+        "ManagerCAFile", "", "verify the manager's certificate against this CA file; empty = no check")
+    manager_timeout_s: float = _key(
+        "ManagerTimeout", 30, "seconds the manager has to answer")
+    ldap_use_ssl: bool = _key("LDAPUseSSL", False, "LDAPS (also implied by LDAPPort 636)")
+    ldap_ca_file: str = _key(
+        "LDAPCAFile", "", "verify the directory's certificate against this CA file; empty = no check")
+    ldap_timeout_s: float = _key("LDAPTimeout", 5, "seconds for each directory operation")
+
+    @property
+    def manager(self) -> tuple[str, int] | None:
+        return parse_host_port(self.manager_address, 443) if self.manager_address else None
+
+    @property
+    def ldap_enabled(self) -> bool:
+        return bool(self.ldap_server)
+
+
+CONFIG_FIELDS = {f.metadata["key"].lower(): f for f in dataclasses.fields(Config)}
+
+# Fields whose value must be a TCP port; 0 is allowed only where it means "off".
+_PORT_FIELDS = {"ssl_port": 1, "first_spice_port": 1, "last_spice_port": 1,
+                "ldap_port": 1, "plain_port": 0}
+_POSITIVE_FIELDS = ("pong_timeout_s", "token_timeout_s", "manager_timeout_s", "ldap_timeout_s")
+_NON_NEGATIVE_FIELDS = ("keepalive_s", "ldap_cache_s")
+
+
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 literal -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not host:
+            raise ValueError(f"unbalanced brackets in {text!r}")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"unexpected text after ] in {text!r}")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        host, port_text = text, ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not host or any(c.isspace() or c in "/?#@" for c in host):
+        raise ValueError(f"not a host name: {text!r}")
+    if port_text == "" and ":" in text and not text.startswith("[") and text.count(":") == 1:
+        raise ValueError(f"empty port in {text!r}")
+    if not port_text:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1..65535 in {text!r}")
+    return host, int(port_text)
+
+
+def parse_ldap_server(text: str, port: int, use_ssl: bool) -> tuple[str, int, bool]:
+    """`host`, `host:port`, `ldap://host[:port]` or `ldaps://host[:port]` -> (host, port, ssl)."""
+    lowered = text.lower()
+    if lowered.startswith("ldaps://"):
+        use_ssl, rest, port = True, text[8:], (port if port != 389 else 636)
+    elif lowered.startswith("ldap://"):
+        rest = text[7:]
+    else:
+        rest = text
+    rest = rest.rstrip("/")
+    host, port = parse_host_port(rest, port)
+    return host, port, use_ssl or port == 636
+
+
+def _check_type(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, not {json.dumps(value)}")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, not {json.dumps(value)}")
+        if isinstance(default, int) and name.endswith("port") and value != int(value):
+            raise ValueError(f"must be a whole number, not {value}")
+        if name.endswith("port"):
+            value = int(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"must be a string, not {json.dumps(value)}")
+    return value
+
+
+def config_from_dict(data: Any, origin: str = "configuration") -> Config:
+    """Validate a parsed JSON document; every fault names `origin` and the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: must be one JSON object, not {type(data).__name__}")
+    values: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for key, value in data.items():
+        field = CONFIG_FIELDS.get(key.lower())
+        if field is None:
+            log.warning("%s: unknown key %s ignored", origin, json.dumps(key))
+            continue
+        if field.name in values:
+            raise ConfigError(f"{origin}: {key}: given twice (also as {seen[field.name]})")
+        try:
+            values[field.name] = _check_type(field.name, value, field.default)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {key}: {exc}") from None
+        seen[field.name] = key
+    config = Config(**values)
+
+    def fail(field_name: str, problem: str) -> ConfigError:
+        key = seen.get(field_name, Config.__dataclass_fields__[field_name].metadata["key"])
+        return ConfigError(f"{origin}: {key}: {problem}")
+
+    for name, lowest in _PORT_FIELDS.items():
+        port = getattr(config, name)
+        if not lowest <= port <= 65535:
+            raise fail(name, f"must be a port number {lowest}..65535, not {port}")
+    if config.first_spice_port > config.last_spice_port:
+        raise fail("first_spice_port", f"{config.first_spice_port} is above LastSpicePort "
+                   f"{config.last_spice_port}")
+    for name in _POSITIVE_FIELDS:
+        if not getattr(config, name) > 0:
+            raise fail(name, f"must be more than 0, not {getattr(config, name)}")
+    for name in _NON_NEGATIVE_FIELDS:
+        if getattr(config, name) < 0:
+            raise fail(name, f"must be 0 or more, not {getattr(config, name)}")
+    if config.plain_port and config.plain_port == config.ssl_port:
+        raise fail("plain_port", "must differ from SslPort")
+    for name, check in (("manager_address", lambda v: parse_host_port(v, 443)),
+                        ("public_address", lambda v: parse_host_port(v, 443)),
+                        ("ldap_server", lambda v: parse_ldap_server(v, config.ldap_port, False))):
+        if getattr(config, name):
+            try:
+                check(getattr(config, name))
+            except ValueError as exc:
+                raise fail(name, str(exc)) from None
+    if config.ldap_enabled:
+        for name in ("ldap_base_dn", "ldap_search_rdn", "ldap_attribute"):
+            if not getattr(config, name):
+                raise fail(name, "must be set when LDAPServer is set")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(\.[0-9]+)*", config.ldap_search_rdn):
+            raise fail("ldap_search_rdn", "must be an attribute name such as uid")
+    for name in ("manager_ca_file", "ldap_ca_file"):
+        path = getattr(config, name)
+        if path and not os.path.isfile(path):
+            raise fail(name, f"{path} does not exist")
+    return config
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the JSON configuration file, once, at start."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
+                          f"{exc.msg}") from None
+    return config_from_dict(data, path)
+
+
+# =====================================================================================
+# Logging
+# =====================================================================================
+#
+# Client text is escaped and shortened before it reaches the log; tokens are shown
+# by their first four characters; request headers and bodies never go to the log
+# (the HTML5 client's cookie holds the whole desktop answer, password included).
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def printable(text: Any, limit: int = 120) -> str:
+    """Client-controlled text made safe for one log line."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    text = str(text)
+    cut = len(text) > limit
+    text = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                            else f"\\u{ord(m.group()):04x}", text[:limit])
+    return text + ("..." if cut else "")
+
+
+def token_hint(token: str) -> str:
+    """Tokens are secrets: the log shows at most their first 4 characters."""
+    return printable(token[:4], 4) + "..."
+
+
+class RefusalLog:
+    """Logs refusals, summarising repeats: one line per reason per window, with a count.
+
+    A token-guessing flood produces a handful of lines, not one per attempt.
+    """
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self._window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, list[float]] = {}  # reason -> [window start, suppressed]
+
+    def refuse(self, reason: str, detail: str) -> None:
+        now = self._clock()
+        with self._lock:
+            window = self._windows.get(reason)
+            if window is not None and now - window[0] < self._window_s:
+                window[1] += 1
+                return
+            suppressed = window[1] if window else 0
+            self._windows[reason] = [now, 0]
+        if suppressed:
+            log.warning("refused %d more: %s (in the last %.0f s)", suppressed, reason,
+                        self._window_s)
+        log.warning("refused: %s: %s", reason, detail)
+
+    def flush(self) -> None:
+        """Reports counts of windows that have ended; called by the accept loop."""
+        now = self._clock()
+        with self._lock:
+            ended = [(r, w[1]) for r, w in self._windows.items() if now - w[0] >= self._window_s]
+            for reason, _ in ended:
+                del self._windows[reason]
+        for reason, count in ended:
+            if count:
+                log.warning("refused %d more: %s (in the last %.0f s)", count, reason,
+                            self._window_s)
+
+
+# =====================================================================================
+# Errors, named by who is at fault, and the one place that maps them to the wire
+# =====================================================================================
+
+class GatewayError(Exception):
+    """An answer the gateway makes itself. `status` is the HTTP status."""
+    status = 500
+    closes_connection = True   # after this answer the request stream cannot be trusted
+    refusal: str | None = None  # reason for the summarising refusal log, if any
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.message = message       # plain words for the user
+        self.detail = detail or message  # for the log (may name internal hosts)
+
+
+class BadRequest(GatewayError):
+    """The client broke HTTP or WebSocket grammar."""
+    status = 400
+    refusal = "malformed request"
+
+
+class NotFound(GatewayError):
+    """The client asked for something that is not the gateway's to serve."""
+    status = 404
+    refusal = "not found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    refusal = "request body too large"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    refusal = "request head too large"
+
+
+class WrongWebSocketVersion(GatewayError):
+    status = 426
+    refusal = "unsupported WebSocket version"
+
+
+class TokenRefused(GatewayError):
+    """The client presented a missing, unknown or expired token."""
+    status = 403
+    refusal = "unknown or expired token"
+
+
+class DesktopUnavailable(GatewayError):
+    """The desktop's Spice port refused or did not answer."""
+    status = 502
+    closes_connection = True
+
+
+class ManagerUnavailable(GatewayError):
+    """The manager is unreachable, too slow, or did not speak HTTP."""
+    status = 200   # see PROTOCOL.md: only a 200 lets every client show the message
+    closes_connection = False
+
+
+class ManagerAnswerRefused(GatewayError):
+    """The manager's answer cannot be handed out (e.g. a port outside the range)."""
+    status = 200
+    closes_connection = False
+
+
+class NoManagerForUser(GatewayError):
+    """The directory names no manager for this user and there is no fallback."""
+    status = 200
+    closes_connection = False
+
+
+class DirectoryUnavailable(Exception):
+    """The LDAP directory is unreachable, too slow or refused the bind."""
+
+
+class ClientTimeout(Exception):
+    """The client did not send its TLS handshake or request head in time."""
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection."""
+
+
+def error_response(error: GatewayError, keep_alive: bool) -> bytes:
+    """Every error answer: a JSON body, since the native client parses every answer."""
+    body = json.dumps({"status": "Error", "message": error.message}).encode()
+    headers = [("Content-Type", "application/json")]
+    if isinstance(error, WrongWebSocketVersion):
+        headers.append(("Sec-WebSocket-Version", "13"))
+    return http_response(error.status, headers, body, keep_alive)
+
+
+def http_response(status: int, headers: list[tuple[str, str]], body: bytes,
+                  keep_alive: bool, reason: str = "") -> bytes:
+    reason = reason or _reason_phrase(status)
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _reason_phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+# =====================================================================================
+# Listeners
+# =====================================================================================
+
+HEAD_TIMEOUT_S = 10          # TLS handshake plus request head, from the connection's start
+KEEPALIVE_IDLE_S = 60        # an idle keep-alive connection is closed after this
+BODY_TIMEOUT_S = 30          # one read of a request body may take this long
+WRITE_TIMEOUT_S = 30         # one HTTP answer must be accepted by the client within this
+ACCEPT_BACKOFF_S = 0.25      # pause of the accept loop when out of file descriptors
+THREAD_STACK_BYTES = 512 * 1024  # relay threads need little; 2 per tunnel adds up
+
+
+def make_server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.load_cert_chain(cert_file, key_file or None)
+    return context
+
+
+def ensure_certificate(cert_file: str, key_file: str) -> bool:
+    """Creates a self-signed certificate (and key) if CertFile does not exist.
+
+    ECDSA P-256: every client the platform supports accepts it, and its handshakes
+    cost a fraction of RSA's. Returns True when it created one.
+    """
+    if os.path.exists(cert_file):
+        return False
+    key_file = key_file or cert_file
+    directory = os.path.dirname(os.path.abspath(cert_file))
+    with tempfile.TemporaryDirectory(prefix="flexvdi-cert-") as tmp:
+        key_tmp, cert_tmp = os.path.join(tmp, "key.pem"), os.path.join(tmp, "cert.pem")
+        command = ["openssl", "req", "-x509", "-newkey", "ec",
+                   "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650",
+                   "-subj", "/CN=" + (socket.gethostname() or "flexvdi-gateway")[:60],
+                   "-keyout", key_tmp, "-out", cert_tmp]
+        try:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"{cert_file}: does not exist and creating a self-signed "
+                              f"certificate failed: cannot run openssl: {exc}") from None
+        if done.returncode != 0:
+            raise ConfigError(f"{cert_file}: does not exist and creating a self-signed "
+                              f"certificate failed: {printable(done.stderr.strip(), 300)}")
+        with open(key_tmp, "rb") as f:
+            key_pem = f.read()
+        with open(cert_tmp, "rb") as f:
+            cert_pem = f.read()
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if os.path.abspath(key_file) == os.path.abspath(cert_file):
+            _write_private(cert_file, key_pem + cert_pem)
+        else:
+            _write_private(key_file, key_pem)
+            _write_private(cert_file, cert_pem)
+    except OSError as exc:
+        raise ConfigError(f"{cert_file}: does not exist and cannot be created: "
+                          f"{exc.strerror or exc}") from None
+    return True
+
+
+def _write_private(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+class Gateway:
+    """The state shared by all connections, each piece behind its own lock."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.tokens = TokenRegistry(config.token_timeout_s)
+        self.directory = LdapDirectory(config) if config.ldap_enabled else None
+        self.refusals = RefusalLog()
+        self._tunnels_lock = threading.Lock()
+        self._tunnels: set = set()
+        self._context_lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+        self._fd_warned_at = 0.0
+
+    # -- called by main() ------------------------------------------------------------
+
+    def load_tls(self) -> None:
+        """(Re)loads certificate and key; SIGHUP calls this. Old context stays on error."""
+        if ensure_certificate(self.config.cert_file, self.config.key_file):
+            log.warning("created a self-signed certificate in %s", self.config.cert_file)
+        try:
+            context = make_server_tls_context(self.config.cert_file, self.config.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{self.config.cert_file}: cannot load certificate and key "
+                              f"({self.config.key_file}): {exc}") from None
+        with self._context_lock:
+            self._context = context
+
+    def stop_tunnels(self, timeout_s: float) -> int:
+        """Sends Close 1001 to every tunnel and waits for them to end."""
+        with self._tunnels_lock:
+            tunnels = list(self._tunnels)
+        stoppers = [threading.Thread(target=t.stop, args=(1001, "gateway stopping"),
+                                     name="stop-tunnel", daemon=True) for t in tunnels]
+        for thread in stoppers:
+            thread.start()
+        deadline = time.monotonic() + timeout_s
+        for thread in stoppers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            with self._tunnels_lock:
+                if not self._tunnels:
+                    break
+            time.sleep(0.05)   # polling the tunnel set with a deadline, at shutdown only
+        return len(tunnels)
+
+    # -- called by connection threads ------------------------------------------------
+
+    @property
+    def tls_context(self) -> ssl.SSLContext:
+        with self._context_lock:
+            assert self._context is not None
+            return self._context
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        with self._tunnels_lock:
+            self._tunnels.add(tunnel)
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        with self._tunnels_lock:
+            self._tunnels.discard(tunnel)
+
+    @property
+    def open_tunnels(self) -> int:
+        with self._tunnels_lock:
+            return len(self._tunnels)
+
+    # -- called by listener threads --------------------------------------------------
+
+    def out_of_descriptors(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._fd_warned_at >= 5:
+            self._fd_warned_at = now
+            log.error("cannot accept connections: %s; backing off until descriptors "
+                      "are free", exc.strerror or exc)
+
+
+class GatewayServer(socketserver.ThreadingTCPServer):
+    """One listening socket; every accepted connection gets its own named thread.
+
+    The TLS handshake happens in that thread (see serve_connection), never in the
+    accept loop, so a client that sends half a hello blocks nobody.
+    """
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, gateway: Gateway, host: str, port: int, tls: bool):
+        self.gateway = gateway
+        self.tls = tls
+        self._ids = itertools.count(1)
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), None, bind_and_activate=False)  # type: ignore[arg-type]
+        try:
+            if self.address_family == socket.AF_INET6:
+                # Dual stack: "::" also takes IPv4 clients.
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+    def get_request(self):
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.gateway.out_of_descriptors(exc)
+                time.sleep(ACCEPT_BACKOFF_S)  # back off: the socket stays readable
+            raise
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address),
+                                  name=f"conn-{next(self._ids)}", daemon=True)
+        thread.start()
+
+    def finish_request(self, request, client_address):
+        serve_connection(self.gateway, request, client_address, self.tls)
+
+    def handle_error(self, request, client_address):
+        log.exception("connection from %s: internal error", client_address)
+
+    def service_actions(self):
+        self.gateway.refusals.flush()
+
+
+def listen_addresses(listen_ip: str) -> str:
+    """ListenIP "" means every address: IPv6 dual stack where the host has it."""
+    if listen_ip:
+        return listen_ip.strip("[]")
+    return "::" if socket.has_ipv6 and _ipv6_works() else "0.0.0.0"
+
+
+def _ipv6_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+def open_listeners(gateway: Gateway) -> list[GatewayServer]:
+    config = gateway.config
+    host = listen_addresses(config.listen_ip)
+    servers = []
+    try:
+        servers.append(GatewayServer(gateway, host, config.ssl_port, tls=True))
+        if config.plain_port:
+            servers.append(GatewayServer(gateway, host, config.plain_port, tls=False))
+    except OSError as exc:
+        for server in servers:
+            server.server_close()
+        raise ConfigError(f"cannot listen on {host}: {exc.strerror or exc}") from None
+    return servers
+
+
+# =====================================================================================
+# Request parsing (pure functions over bytes; RFC 9112)
+# =====================================================================================
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADER_LINES = 100
+MAX_BODY_BYTES = 1024 * 1024
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/(1\.[01])")
+_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HOST_VALUE = re.compile(r"[A-Za-z0-9.\-_~%!$&'()*+,;=]*(:[0-9]*)?|\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer",
+                        "transfer-encoding", "upgrade", "proxy-authenticate",
+                        "proxy-authorization"))
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    target: str
+    version: str                     # "1.1" or "1.0"
+    headers: list[tuple[str, str]]   # (lower-cased name, value) in arrival order
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def header_tokens(self, name: str) -> list[str]:
+        """Comma-separated list header, all its lines, lower-cased tokens."""
+        return [t.strip().lower() for key, value in self.headers if key == name
+                for t in value.split(",") if t.strip()]
+
+    @property
+    def is_upgrade(self) -> bool:
+        return self.method == "GET" and "websocket" in self.header_tokens("upgrade")
+
+    @property
+    def keep_alive(self) -> bool:
+        tokens = self.header_tokens("connection")
+        if self.version == "1.0":
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.header("content-length")
+        return None if value is None else int(value)
+
+    @property
+    def chunked(self) -> bool:
+        return self.header("transfer-encoding") is not None
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parses a request head (without its final empty line) strictly, or raises."""
+    if b"\x00" in head:
+        raise BadRequest("NUL byte in the request head")
+    lines = head.split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line for line in lines):
+        raise BadRequest("bare CR or LF in the request head")
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if not match:
+        raise BadRequest("malformed request line", "malformed request line: "
+                         + printable(lines[0], 80))
+    method, target, version = (g.decode("ascii") for g in match.groups())
+    if len(lines) - 1 > MAX_HEADER_LINES:
+        raise HeadersTooLarge(f"more than {MAX_HEADER_LINES} header lines")
+    headers = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest("obsolete line folding in a header")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise BadRequest("malformed header line", "malformed header line: "
+                             + printable(line, 80))
+        value = value.strip(b" \t")
+        if _FIELD_VALUE_BAD.search(value):
+            raise BadRequest("control character in a header value")
+        headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    request = Request(method, target, version, headers)
+    _check_framing(request)
+    return request
+
+
+def _check_framing(request: Request) -> None:
+    lengths = [v for k, v in request.headers if k == "content-length"]
+    if len(lengths) > 1:
+        raise BadRequest("repeated Content-Length")
+    if lengths and not (lengths[0].isascii() and lengths[0].isdigit() and len(lengths[0]) < 19):
+        raise BadRequest("Content-Length is not a number")
+    encodings = request.header_tokens("transfer-encoding")
+    if encodings:
+        if lengths:
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        if encodings != ["chunked"] or request.version == "1.0":
+            raise BadRequest("unsupported Transfer-Encoding")
+    hosts = [v for k, v in request.headers if k == "host"]
+    if len(hosts) > 1:
+        raise BadRequest("repeated Host header")
+    if request.version == "1.1" and not hosts:
+        raise BadRequest("missing Host header")
+    if hosts and not _HOST_VALUE.fullmatch(hosts[0]):
+        raise BadRequest("malformed Host header")
+    if request.method == "CONNECT" or not request.target.startswith("/"):
+        raise NotFound("not found", "not an origin-form request target: "
+                       + printable(request.target, 80))
+
+
+def normalize_path(target: str) -> tuple[str, str]:
+    """Origin-form target -> (normalized path, query).
+
+    Percent-encoded unreserved characters are decoded and dot segments resolved
+    (RFC 3986 sections 2.3 and 5.2.4), so `/vdi/%2e%2e/x` is seen as `/x`. An encoded
+    slash or backslash, or a backslash, is refused: servers disagree about them.
+    """
+    path, _, query = target.partition("?")
+    if "#" in path:
+        raise BadRequest("fragment in the request target")
+    if "\\" in path:
+        raise NotFound("not found", "backslash in path")
+    out = []
+    i = 0
+    while i < len(path):
+        char = path[i]
+        if char == "%":
+            hex_digits = path[i + 1:i + 3]
+            if len(hex_digits) != 2 or not all(c in "0123456789abcdefABCDEF" for c in hex_digits):
+                raise BadRequest("malformed percent-encoding in the path")
+            decoded = chr(int(hex_digits, 16))
+            if decoded in "/\\":
+                raise NotFound("not found", "encoded slash or backslash in path")
+            out.append(decoded if decoded in _UNRESERVED else "%" + hex_digits.upper())
+            i += 3
+        else:
+            out.append(char)
+            i += 1
+    return remove_dot_segments("".join(out)), query
+
+
+def remove_dot_segments(path: str) -> str:
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    result = "/" + "/".join(out)
+    if segments and segments[-1] in (".", "..") and not result.endswith("/"):
+        result += "/"
+    return result
+
+
+def vdi_target(target: str) -> str:
+    """The target to forward to the manager, or NotFound if it is not under /vdi/."""
+    path, query = normalize_path(target)
+    if not path.startswith("/vdi/"):
+        raise NotFound("not found", "path outside /vdi/: " + printable(target, 80))
+    return path + ("?" + query if query else "")
+
+
+def query_parameters(target: str) -> dict[str, str]:
+    """First value of each query parameter, percent-decoded."""
+    from urllib.parse import unquote
+    params: dict[str, str] = {}
+    for pair in target.partition("?")[2].split("&"):
+        name, _, value = pair.partition("=")
+        params.setdefault(unquote(name), unquote(value))
+    return params
+
+
+def host_without_port(host: str) -> str:
+    """`[::1]:8443` -> `[::1]` (brackets kept: clients write wss://%s:%s), `a:1` -> `a`."""
+    host = host.strip()
+    if host.startswith("["):
+        return host[:host.index("]") + 1] if "]" in host else host
+    if host.count(":") > 1:
+        return f"[{host}]"
+    return host.partition(":")[0]
+
+
+def public_host(public_address: str, plain: bool, request: Request,
+                local_ip: str) -> str:
+    """The name under which this client reaches the gateway (PROTOCOL.md)."""
+    if public_address:
+        return public_address
+    if plain:
+        forwarded = request.header("x-forwarded-host")
+        if forwarded and forwarded.split(",")[0].strip():
+            return host_without_port(forwarded.split(",")[0])
+    host = request.header("host")
+    if host and host_without_port(host):
+        return host_without_port(host)
+    return f"[{local_ip}]" if ":" in local_ip else local_ip
+
+
+class Stream:
+    """Blocking reads and writes of one connection with deadlines; HTTP phase only."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def _recv(self, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ClientTimeout("timed out")
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise ClientTimeout("timed out") from None
+        if not data:
+            raise ClientGone("closed the connection")
+        return data
+
+    def read_head(self, deadline: float, idle_deadline: float | None = None) -> bytes | None:
+        """The next request head; None when the client closed cleanly between requests."""
+        if not self.buffer:
+            try:
+                self.buffer += self._recv(idle_deadline or deadline)
+            except (ClientGone, ClientTimeout):
+                if idle_deadline is not None:
+                    return None
+                raise
+            if idle_deadline is not None:
+                deadline = time.monotonic() + HEAD_TIMEOUT_S
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buffer[:end])
+                del self.buffer[:end + 4]
+                if len(head) > MAX_HEAD_BYTES:
+                    raise HeadersTooLarge("request head over 64 KiB")
+                return head
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                raise HeadersTooLarge("request head over 64 KiB")
+            self.buffer += self._recv(deadline)
+
+    def read_exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self.buffer += self._recv(time.monotonic() + BODY_TIMEOUT_S)
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def read_line(self, limit: int = 4096) -> bytes:
+        while True:
+            end = self.buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 2]
+                return line
+            if len(self.buffer) > limit:
+                raise BadRequest("chunk header line too long")
+            self.buffer += self._recv(time.monotonic() + BODY_TIMEOUT_S)
+
+    def read_body(self, request: Request) -> bytes:
+        if request.chunked:
+            return self._read_chunked()
+        length = request.content_length or 0
+        if length > MAX_BODY_BYTES:
+            raise PayloadTooLarge("request body over 1 MiB")
+        if length and "100-continue" in request.header_tokens("expect"):
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return self.read_exactly(length)
+
+    def _read_chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            size_text = self.read_line().split(b";", 1)[0].strip(b" \t")
+            if not size_text or len(size_text) > 8 or not all(
+                    c in b"0123456789abcdefABCDEF" for c in size_text):
+                raise BadRequest("malformed chunk size")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            if len(body) + size > MAX_BODY_BYTES:
+                raise PayloadTooLarge("request body over 1 MiB")
+            body += self.read_exactly(size)
+            if self.read_exactly(2) != b"\r\n":
+                raise BadRequest("chunk data not followed by CRLF")
+        for _ in range(MAX_HEADER_LINES):   # trailer section, ignored
+            if not self.read_line():
+                return bytes(body)
+        raise BadRequest("too many trailer lines")
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(WRITE_TIMEOUT_S)
+        self.sock.sendall(data)
+
+
+# =====================================================================================
+# Connections: TLS handshake, then HTTP requests, then maybe a tunnel
+# =====================================================================================
+
+def serve_connection(gateway: Gateway, raw: socket.socket, peer: tuple, tls: bool) -> None:
+    """Serves one accepted connection to its end; the one place that closes it."""
+    started = time.monotonic()
+    deadline = started + HEAD_TIMEOUT_S
+    client = f"{peer[0]}:{peer[1]}" if ":" not in peer[0] else f"[{peer[0]}]:{peer[1]}"
+    sock = raw
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            sock.settimeout(HEAD_TIMEOUT_S)
+            sock = gateway.tls_context.wrap_socket(raw, server_side=True,
+                                                   do_handshake_on_connect=False)
+            try:
+                sock.do_handshake()
+            except socket.timeout:
+                raise ClientTimeout("TLS handshake not completed in time") from None
+            except (ssl.SSLEOFError, ConnectionError) as exc:
+                # Load balancer health checks connect and close: not worth a warning.
+                log.debug("%s: closed during the TLS handshake: %s", client, exc)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                gateway.refusals.refuse("TLS handshake failed", f"{client}: {exc}")
+                return
+        _serve_requests(gateway, Stream(sock), client, tls, deadline)
+    except ClientTimeout as exc:
+        gateway.refusals.refuse("client too slow", f"{client}: {exc}")
+    except (ClientGone, ConnectionError, ssl.SSLError, socket.timeout) as exc:
+        log.debug("%s: connection ended: %s", client, exc)
+    except Exception:
+        log.exception("%s: internal error", client)
+    finally:
+        sock.close()
+        log.debug("%s: connection closed after %.1f s", client, time.monotonic() - started)
+
+
+def _serve_requests(gateway: Gateway, stream: Stream, client: str, tls: bool,
+                    deadline: float) -> None:
+    idle_deadline = None
+    while True:
+        head = stream.read_head(deadline, idle_deadline)
+        if head is None:
+            return
+        request = None
+        try:
+            request = parse_request_head(head)
+            if request.is_upgrade:
+                serve_tunnel(gateway, stream, request, client)
+                return
+            keep_alive = serve_vdi(gateway, stream, request, client, tls)
+        except GatewayError as error:
+            if error.refusal:
+                gateway.refusals.refuse(error.refusal, f"{client}: {error.detail}")
+            else:
+                log.warning("%s: %s", client, error.detail)
+            keep_alive = (not error.closes_connection and request is not None
+                          and request.keep_alive)
+            stream.send(error_response(error, keep_alive))
+        if not keep_alive:
+            return
+        idle_deadline = time.monotonic() + KEEPALIVE_IDLE_S
+
+
+# =====================================================================================
+# Manager proxy and answer rewrite
+# =====================================================================================
+
+MAX_MANAGER_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+def serve_vdi(gateway: Gateway, stream: Stream, request: Request, client: str,
+              tls: bool) -> bool:
+    """Forwards one /vdi/ request to the manager; returns whether to keep the connection."""
+    started = time.monotonic()
+    target = vdi_target(request.target)
+    body = stream.read_body(request)
+    config = gateway.config
+    manager_address = choose_manager(gateway, body, client)
+    status, reason, headers, answer = forward_to_manager(
+        config, manager_address, request, target, body, client, tls)
+    found = find_desktop(answer)
+    if found is not None:
+        desktop_answer, desktop = found
+        if not config.first_spice_port <= desktop[1] <= config.last_spice_port:
+            raise ManagerAnswerRefused(
+                "The desktop cannot be reached through this gateway.",
+                f"manager {manager_address} sent Spice port {desktop[1]}, outside "
+                f"{config.first_spice_port}..{config.last_spice_port}; nothing registered")
+        local_ip = stream.sock.getsockname()[0]
+        host = public_host(config.public_address, not tls, request, local_ip)
+        token = gateway.tokens.issue(desktop)
+        answer = render_desktop_answer(desktop_answer, host, token)
+        log.info("%s: desktop %s:%d via token %s, spice_address %s", client, desktop[0],
+                 desktop[1], token_hint(token), printable(host))
+    keep_alive = request.keep_alive
+    headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP
+               and k.lower() != "content-length"]
+    stream.send(http_response(status, headers, answer, keep_alive, reason))
+    log.debug("%s: %s %s -> manager %s: %d, %d bytes in %.0f ms", client, request.method,
+              printable(target), manager_address, status, len(answer),
+              (time.monotonic() - started) * 1000)
+    return keep_alive
+
+
+def choose_manager(gateway: Gateway, body: bytes, client: str) -> str:
+    """ManagerIP, or with LDAP and a username in the body, the user's own manager."""
+    config = gateway.config
+    username = username_in(body) if gateway.directory else None
+    if gateway.directory is None or username is None:
+        return _fallback_manager(config, "no manager configured (ManagerIP is empty)")
+    try:
+        manager, why = gateway.directory.manager_for(username)
+    except DirectoryUnavailable as exc:
+        manager, why = None, f"directory unavailable: {exc}"
+    if manager is not None:
+        return manager
+    if not config.ldap_fallback:
+        raise NoManagerForUser("No desktop service is configured for this user.",
+                               f"user {printable(username)}: {why}; LDAPFallback is off")
+    log.warning("%s: user %s: %s; using ManagerIP", client, printable(username), why)
+    return _fallback_manager(config, f"user {printable(username)}: {why} and ManagerIP is empty")
+
+
+def _fallback_manager(config: Config, why: str) -> str:
+    if not config.manager_address:
+        raise NoManagerForUser("No desktop service is configured for this user.", why)
+    return config.manager_address
+
+
+def username_in(body: bytes) -> str | None:
+    """The non-empty string `username` of a JSON object body, whatever the Content-Type."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    username = data.get("username") if isinstance(data, dict) else None
+    return username if isinstance(username, str) and username else None
+
+
+def manager_tls_context(ca_file: str) -> ssl.SSLContext:
+    if ca_file:
+        context = ssl.create_default_context(cafile=ca_file)
+        context.check_hostname = False  # managers are addressed by IP in ManagerIP
+        return context
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # managers ship self-signed certificates
+    return context
+
+
+def forward_headers(request: Request, body: bytes, client: str, tls: bool
+                    ) -> list[tuple[str, str]]:
+    """The client's headers minus hop-by-hop ones (RFC 9110 7.6.1), plus X-Forwarded-*."""
+    named = set(request.header_tokens("connection"))
+    dropped = HOP_BY_HOP | named | {"accept-encoding", "host", "content-length", "expect",
+                                    "x-forwarded-for", "x-forwarded-proto",
+                                    "x-forwarded-host"}
+    headers = [(k, v) for k, v in request.headers if k not in dropped]
+    client_ip = client.rpartition(":")[0].strip("[]")
+    forwarded_for = request.header("x-forwarded-for")
+    # Behind a reverse proxy (plain port) its X-Forwarded-* are the truth; on the
+    # public TLS port they are whatever the internet says, so they are replaced.
+    if not tls and forwarded_for:
+        headers.append(("X-Forwarded-For", f"{forwarded_for}, {client_ip}"))
+    else:
+        headers.append(("X-Forwarded-For", client_ip))
+    proto = request.header("x-forwarded-proto") if not tls else None
+    headers.append(("X-Forwarded-Proto", proto or ("https" if tls else "http")))
+    forwarded_host = (request.header("x-forwarded-host") if not tls else None) or request.header("host")
+    if forwarded_host:
+        headers.append(("X-Forwarded-Host", forwarded_host))
+    if body or request.method in ("POST", "PUT", "PATCH"):
+        headers.append(("Content-Length", str(len(body))))
+    return headers
+
+
+def forward_to_manager(config: Config, manager_address: str, request: Request, target: str,
+                       body: bytes, client: str, tls: bool
+                       ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    """One request to the manager; ManagerUnavailable names the manager and the cause."""
+    host, port = parse_host_port(manager_address, 443)
+    deadline = time.monotonic() + config.manager_timeout_s
+    connection = http.client.HTTPSConnection(
+        host, port, timeout=config.manager_timeout_s,
+        context=manager_tls_context(config.manager_ca_file))
+
+    def unavailable(why: str) -> ManagerUnavailable:
+        return ManagerUnavailable("The desktop service is not available right now. "
+                                  "Please try again later.",
+                                  f"manager {manager_address}: {why}")
+    try:
+        connection.putrequest(request.method, target, skip_accept_encoding=True)
+        for name, value in forward_headers(request, body, client, tls):
+            connection.putheader(name, value)
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        chunks = []
+        size = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise socket.timeout("answer not complete in time")
+            chunk = response.read(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_MANAGER_ANSWER_BYTES:
+                raise unavailable("answer over 16 MiB, cut off")
+            chunks.append(chunk)
+        return response.status, response.reason, response.getheaders(), b"".join(chunks)
+    except socket.timeout:
+        raise unavailable(f"no answer within {config.manager_timeout_s:g} s") from None
+    except ConnectionRefusedError:
+        raise unavailable("connection refused") from None
+    except ssl.SSLError as exc:
+        raise unavailable(f"TLS failed: {exc.reason or exc}") from None
+    except (http.client.RemoteDisconnected, http.client.IncompleteRead,
+            ConnectionResetError):
+        raise unavailable("closed the connection before answering completely") from None
+    except http.client.HTTPException as exc:
+        raise unavailable(f"did not answer HTTP ({type(exc).__name__})") from None
+    except socket.gaierror as exc:
+        raise unavailable(f"cannot resolve {host}: {exc.strerror}") from None
+    except OSError as exc:
+        raise unavailable(exc.strerror or str(exc)) from None
+    finally:
+        connection.close()
+
+
+def spice_port_of(value: Any) -> int | None:
+    """`spice_port` as the manager sends it, a JSON number or string, or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def find_desktop(answer: bytes) -> tuple[dict[str, Any], tuple[str, int]] | None:
+    """The parsed answer and (address, port) if this is a desktop answer to rewrite."""
+    if b"spice_port" not in answer:
+        return None
+    try:
+        data = json.loads(answer)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("status") != "OK":
+        return None
+    address, port = data.get("spice_address"), spice_port_of(data.get("spice_port"))
+    if not isinstance(address, str) or not address or port is None:
+        return None
+    return data, (address, port)
+
+
+def render_desktop_answer(answer: dict[str, Any], host: str, token: str) -> bytes:
+    """The answer with the gateway's address, the token and use_ws; the rest untouched."""
+    rewritten = dict(answer)
+    rewritten["spice_address"] = host
+    rewritten["spice_port"] = token
+    rewritten["use_ws"] = True
+    return json.dumps(rewritten).encode("utf-8")
+
+
+# =====================================================================================
+# Tokens
+# =====================================================================================
+
+MAX_TOKENS = 100_000
+
+
+class _TokenEntry:
+    __slots__ = ("desktop", "idle_since", "tunnels")
+
+    def __init__(self, desktop: tuple[str, int], now: float):
+        self.desktop = desktop
+        self.tunnels = 0
+        self.idle_since = now
+
+
+class TokenRegistry:
+    """token -> desktop, in memory, least recently active first.
+
+    A token stays valid while any tunnel opened with it is open and for `timeout_s`
+    after it was issued or its last tunnel closed. When `max_tokens` are held, the
+    token idle the longest is dropped.
+    """
+
+    def __init__(self, timeout_s: float, max_tokens: int = MAX_TOKENS,
+                 clock: Callable[[], float] = time.monotonic):
+        self._timeout_s = timeout_s
+        self._max = max_tokens
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[str, _TokenEntry] = collections.OrderedDict()
+
+    def issue(self, desktop: tuple[str, int]) -> str:
+        # 12 random bytes = 96 bits, 16 characters of [A-Za-z0-9_-]: within the
+        # 17 characters old mobile launchers keep.
+        token = secrets.token_urlsafe(12)
+        now = self._clock()
+        with self._lock:
+            self._purge(now)
+            if len(self._entries) >= self._max:
+                self._drop_idlest()
+            self._entries[token] = _TokenEntry(desktop, now)
+        return token
+
+    def acquire(self, token: str) -> tuple[str, int] | None:
+        """The desktop of a valid token, counting one more open tunnel; else None."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(token)
+            if entry is None:
+                return None
+            if entry.tunnels == 0 and now - entry.idle_since >= self._timeout_s:
+                del self._entries[token]
+                return None
+            entry.tunnels += 1
+            self._entries.move_to_end(token)
+            return entry.desktop
+
+    def release(self, token: str) -> None:
+        with self._lock:
+            entry = self._entries.get(token)
+            if entry is not None:
+                entry.tunnels -= 1
+                if entry.tunnels == 0:
+                    entry.idle_since = self._clock()
+                    self._entries.move_to_end(token)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def _purge(self, now: float) -> None:
+        while self._entries:
+            token, entry = next(iter(self._entries.items()))
+            if entry.tunnels or now - entry.idle_since < self._timeout_s:
+                return
+            del self._entries[token]
+
+    def _drop_idlest(self) -> None:
+        for token, entry in self._entries.items():
+            if entry.tunnels == 0:
+                del self._entries[token]
+                return
+        self._entries.popitem(last=False)
+
+
+# =====================================================================================
+# LDAP: which manager serves a user
+# =====================================================================================
+
+LDAP_CACHE_MAX = 100_000
+
+
+class _Flight:
+    """One directory search in progress; simultaneous misses for a user wait on it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: tuple[str | None, str] | None = None
+        self.error: DirectoryUnavailable | None = None
+
+
+class LdapDirectory:
+    """Looks users up with ldap3; answers are cached in a lock-protected dict.
+
+    Keyed by the lower-cased username, an entry lives `LDAPCacheSecs` from its
+    search (a hit does not extend it). "No manager for this user" is an answer and
+    is cached; a directory failure is not.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.host, self.port, self.use_ssl = parse_ldap_server(
+            config.ldap_server, config.ldap_port, config.ldap_use_ssl)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, tuple[str | None, str]]] = {}
+        self._flights: dict[str, _Flight] = {}
+
+    def manager_for(self, username: str) -> tuple[str | None, str]:
+        """(manager address or None, why); raises DirectoryUnavailable."""
+        key = username.lower()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None and cached[0] > self._clock():
+                return cached[1]
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+        assert flight is not None
+        if not leader:
+            if not flight.done.wait(self.config.ldap_timeout_s * 4 + 1):
+                raise DirectoryUnavailable("waiting for another search of this user timed out")
+            if flight.error is not None:
+                raise flight.error
+            assert flight.result is not None
+            return flight.result
+        try:
+            searched_at = self._clock()
+            flight.result = self._search(username)
+            if self.config.ldap_cache_s > 0:
+                with self._lock:
+                    self._store(key, searched_at + self.config.ldap_cache_s, flight.result)
+            return flight.result
+        except DirectoryUnavailable as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.done.set()
+
+    def _store(self, key: str, expires: float, result: tuple[str | None, str]) -> None:
+        if len(self._cache) >= LDAP_CACHE_MAX:
+            now = self._clock()
+            for old in [k for k, (e, _) in self._cache.items() if e <= now]:
+                del self._cache[old]
+            while len(self._cache) >= LDAP_CACHE_MAX:
+                del self._cache[next(iter(self._cache))]
+        self._cache.pop(key, None)
+        self._cache[key] = (expires, result)
+
+    def connect(self):
+        """A bound ldap3 connection; raises DirectoryUnavailable saying which step failed."""
+        import ldap3
+        from ldap3.core.exceptions import LDAPException
+        config = self.config
+        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED if config.ldap_ca_file else ssl.CERT_NONE,
+                        ca_certs_file=config.ldap_ca_file or None)
+        server = ldap3.Server(self.host, port=self.port, use_ssl=self.use_ssl, tls=tls,
+                              get_info=ldap3.NONE, connect_timeout=config.ldap_timeout_s)
+        connection = ldap3.Connection(
+            server, user=config.ldap_username or None, password=config.ldap_password or None,
+            read_only=True, receive_timeout=config.ldap_timeout_s, raise_exceptions=False,
+            auto_bind=ldap3.AUTO_BIND_NONE)
+        where = f"{self.host}:{self.port}"
+        try:
+            if not connection.bind():
+                description = connection.result.get("description", "refused")
+                connection.unbind()
+                raise DirectoryUnavailable(f"{where}: bind as "
+                                           f"{printable(config.ldap_username or 'anonymous')} "
+                                           f"refused: {description}")
+        except LDAPException as exc:
+            raise DirectoryUnavailable(f"{where}: cannot connect or bind: "
+                                       f"{_ldap_error(exc)}") from None
+        except OSError as exc:
+            raise DirectoryUnavailable(f"{where}: {exc.strerror or exc}") from None
+        return connection
+
+    def _search(self, username: str) -> tuple[str | None, str]:
+        import ldap3
+        from ldap3.core.exceptions import LDAPException
+        from ldap3.utils.conv import escape_filter_chars
+        config = self.config
+        connection = self.connect()
+        # RFC 4515: the username is searched for, escaped, never refused or rewritten.
+        search_filter = f"({config.ldap_search_rdn}={escape_filter_chars(username)})"
+        scope = ldap3.LEVEL if config.ldap_one_shot else ldap3.SUBTREE
+        try:
+            ok = connection.search(config.ldap_base_dn, search_filter, search_scope=scope,
+                                   attributes=[config.ldap_attribute],
+                                   time_limit=int(max(1, config.ldap_timeout_s)))
+            result = connection.result
+            entries = [r for r in (connection.response or []) if r.get("type") == "searchResEntry"]
+        except LDAPException as exc:
+            raise DirectoryUnavailable(f"{self.host}:{self.port}: search failed: "
+                                       f"{_ldap_error(exc)}") from None
+        finally:
+            try:
+                connection.unbind()
+            except Exception:   # noqa: BLE001 - closing a broken connection may fail any way
+                pass
+        if not ok and not entries and result.get("result") not in (0, 32):  # 32 noSuchObject
+            raise DirectoryUnavailable(f"{self.host}:{self.port}: search failed: "
+                                       f"{result.get('description')}")
+        if not entries:
+            return None, "no directory entry"
+        values = entries[0].get("raw_attributes", {}).get(config.ldap_attribute)
+        if values is None:
+            attributes = entries[0].get("raw_attributes", {})
+            values = next((v for k, v in attributes.items()
+                           if k.lower() == config.ldap_attribute.lower()), None)
+        if not values:
+            return None, f"no {config.ldap_attribute} attribute"
+        value = values[0].decode("utf-8", "replace").strip() if isinstance(
+            values[0], bytes) else str(values[0]).strip()
+        if not value:
+            return None, f"empty {config.ldap_attribute} attribute"
+        try:
+            parse_host_port(value, 443)
+        except ValueError:
+            return None, f"{config.ldap_attribute} is not a manager address: {printable(value)}"
+        return value, "directory"
+
+
+def _ldap_error(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return printable(text, 200)
+
+
+# =====================================================================================
+# Tunnels: WebSocket handshake, framing (RFC 6455) and the relay
+# =====================================================================================
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_CLIENT_FRAME = 1024 * 1024   # a larger client frame is closed with 1009
+# The native client (libsoup) drops the session on a frame of 128 KiB or more; we
+# keep every whole frame, header included, within 64 KiB.
+MAX_SEND_PAYLOAD = 65536 - 16
+DESKTOP_CONNECT_TIMEOUT_S = 10
+CLOSE_LINGER_S = 2        # after our Close, how long we wait for the client's
+GRACE_S = 3               # one side gone, the other frozen: end after this
+LOCK_WAIT_S = 1.0         # control frames give up waiting for the writer after this
+CLIENT_READ_BYTES = 256 * 1024
+
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+_KNOWN_OPCODES = frozenset((0, 1, 2, 8, 9, 10))
+_BASE64_TEXT = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
+class ProtocolViolation(Exception):
+    """The client broke RFC 6455 inside a tunnel; `code` is the Close code to send."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def accept_key(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode()
+
+
+def check_websocket_key(key: str | None) -> str:
+    if key is None:
+        raise BadRequest("missing Sec-WebSocket-Key")
+    try:
+        if len(base64.b64decode(key.strip(), validate=True)) == 16:
+            return key.strip()
+    except (binascii.Error, ValueError):
+        pass
+    raise BadRequest("malformed Sec-WebSocket-Key")
+
+
+def choose_subprotocol(request: Request) -> str | None:
+    """`binary` if offered, else `base64` if offered, else none (never one not offered)."""
+    offered = [t.strip() for k, v in request.headers if k == "sec-websocket-protocol"
+               for t in v.split(",")]
+    for name in ("binary", "base64"):
+        if name in offered:
+            return name
+    return None
+
+
+def handshake_response(key: str, subprotocol: str | None) -> bytes:
+    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Accept: {accept_key(key)}"]
+    if subprotocol:
+        lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def client_version(params: dict[str, str]) -> int:
+    """`ver`; a missing or non-numeric one counts as 1 (such clients never get Pings)."""
+    value = params.get("ver", "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 6 else 1
+
+
+def frame_header(opcode: int, length: int) -> bytes:
+    """Header of an unmasked, final server frame."""
+    if length < 126:
+        return struct.pack("!BB", 0x80 | opcode, length)
+    if length < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, length)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, length)
+
+
+def encode_frame(opcode: int, payload: bytes = b"") -> bytes:
+    return frame_header(opcode, len(payload)) + payload
+
+
+def close_frame(code: int | None, reason: str = "") -> bytes:
+    if code is None:
+        return encode_frame(OP_CLOSE)
+    return encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:120])
+
+
+def unmask(data, mask: bytes, offset: int = 0) -> bytes:
+    """XOR with the 4-byte mask starting at mask byte `offset`, without a Python loop."""
+    size = len(data)
+    if offset:
+        mask = mask[offset:] + mask[:offset]
+    key = (mask * ((size >> 2) + 1))[:size]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        size, "little")
+
+
+def valid_close_code(code: int) -> bool:
+    """Codes a client may send (RFC 6455 7.4, IANA registry): not 1004-1006, 1015."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def parse_close_payload(payload: bytes) -> tuple[int | None, str]:
+    if not payload:
+        return None, ""
+    if len(payload) == 1:
+        raise ProtocolViolation(1002, "close frame with a 1-byte payload")
+    code = struct.unpack("!H", payload[:2])[0]
+    if not valid_close_code(code):
+        raise ProtocolViolation(1002, f"close code {code} may not be sent")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation(1007, "close reason is not UTF-8") from None
+    return code, reason
+
+
+def parse_frame_header(buf, pos: int = 0):
+    """(fin, opcode, length, mask, header size), None if incomplete, or raises.
+
+    Checks what the first two bytes tell as soon as they arrive, so a bad frame is
+    refused before its payload is waited for.
+    """
+    available = len(buf) - pos
+    if available < 2:
+        return None
+    first, second = buf[pos], buf[pos + 1]
+    fin, opcode = bool(first & 0x80), first & 0x0F
+    if first & 0x70:
+        raise ProtocolViolation(1002, "reserved bits set, no extension was negotiated")
+    if opcode not in _KNOWN_OPCODES:
+        raise ProtocolViolation(1002, f"unknown opcode {opcode}")
+    if not second & 0x80:
+        raise ProtocolViolation(1002, "unmasked client frame")
+    length = second & 0x7F
+    if opcode >= 8 and (not fin or length > 125):
+        raise ProtocolViolation(1002, "fragmented or oversized control frame")
+    size = 6
+    if length == 126:
+        size = 8
+        if available < size:
+            return None
+        length = struct.unpack_from("!H", buf, pos + 2)[0]
+    elif length == 127:
+        size = 14
+        if available < size:
+            return None
+        length = struct.unpack_from("!Q", buf, pos + 2)[0]
+        if length >> 63:
+            raise ProtocolViolation(1002, "frame length with the top bit set")
+    if length > MAX_CLIENT_FRAME:
+        raise ProtocolViolation(1009, f"client frame of {length} bytes, over 1 MiB")
+    if available < size:
+        return None
+    return fin, opcode, length, bytes(buf[pos + size - 4:pos + size]), size
+
+
+class FrameDecoder:
+    """Incremental decoder of client frames; pure, no I/O.
+
+    feed() returns events in order: ("data", bytes) as binary payload arrives
+    (fragments and partial frames are passed on at once, never buffered whole),
+    ("ping", payload), ("pong", payload), ("close", code, reason), and last, if the
+    client broke the protocol, ("error", close code, message).
+    """
+
+    def __init__(self, base64_text: bool = False):
+        self._base64 = base64_text
+        self._buf = bytearray()
+        self._frame: list | None = None   # [opcode, fin, mask, remaining, mask offset]
+        self._message: int | None = None  # OP_TEXT/OP_BINARY of the message in progress
+        self._control = bytearray()
+        self._text = bytearray()
+        self.failed = False
+
+    def feed(self, data) -> list:
+        events: list = []
+        if self.failed:
+            return events
+        buf = self._buf
+        buf += data
+        pos = 0
+        try:
+            while True:
+                if self._frame is None:
+                    parsed = parse_frame_header(buf, pos)
+                    if parsed is None:
+                        break
+                    fin, opcode, length, mask, size = parsed
+                    pos += size
+                    self._start_frame(fin, opcode, length, mask)
+                    if length == 0:
+                        self._finish_frame(events)
+                    continue
+                frame = self._frame
+                take = min(frame[3], len(buf) - pos)
+                if take == 0:
+                    break
+                chunk = unmask(buf[pos:pos + take], frame[2], frame[4])
+                pos += take
+                frame[3] -= take
+                frame[4] = (frame[4] + take) & 3
+                self._payload(frame[0], chunk, events)
+                if frame[3] == 0:
+                    self._finish_frame(events)
+        except ProtocolViolation as exc:
+            self.failed = True
+            events.append(("error", exc.code, str(exc)))
+        del buf[:pos]
+        return events
+
+    def _start_frame(self, fin: bool, opcode: int, length: int, mask: bytes) -> None:
+        if opcode == OP_CONTINUATION:
+            if self._message is None:
+                raise ProtocolViolation(1002, "continuation frame without a message")
+        elif opcode < 8:
+            if self._message is not None:
+                raise ProtocolViolation(1002, "new message before the previous one ended")
+            if opcode == OP_TEXT and not self._base64:
+                raise ProtocolViolation(1003, "text frame on a binary tunnel")
+            self._message = opcode
+        else:
+            self._control.clear()
+        self._frame = [opcode, fin, mask, length, 0]
+
+    def _payload(self, opcode: int, chunk: bytes, events: list) -> None:
+        if opcode >= 8:
+            self._control += chunk
+        elif self._message == OP_BINARY:
+            events.append(("data", chunk))
+        else:
+            self._text += chunk
+            if len(self._text) > MAX_CLIENT_FRAME:
+                raise ProtocolViolation(1009, "base64 message over 1 MiB")
+
+    def _finish_frame(self, events: list) -> None:
+        opcode, fin = self._frame[0], self._frame[1]  # type: ignore[index]
+        self._frame = None
+        if opcode == OP_CLOSE:
+            code, reason = parse_close_payload(bytes(self._control))
+            events.append(("close", code, reason))
+        elif opcode == OP_PING:
+            events.append(("ping", bytes(self._control)))
+        elif opcode == OP_PONG:
+            events.append(("pong", bytes(self._control)))
+        elif fin:
+            if self._message == OP_TEXT:
+                events.append(("data", decode_base64_text(bytes(self._text))))
+                self._text.clear()
+            self._message = None
+
+
+def decode_base64_text(text: bytes) -> bytes:
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation(1007, "text message is not UTF-8") from None
+    if not _BASE64_TEXT.fullmatch(text):
+        raise ProtocolViolation(1007, "text message is not base64")
+    return base64.b64decode(text)
+
+
+def serve_tunnel(gateway: Gateway, stream: Stream, request: Request, client: str) -> None:
+    """Checks the upgrade, connects the desktop, answers 101, relays to the end."""
+    version = request.header("sec-websocket-version")
+    if version is None or version.strip() != "13":
+        raise WrongWebSocketVersion("WebSocket version 13 required",
+                                    "Sec-WebSocket-Version " + printable(version or "missing"))
+    key = check_websocket_key(request.header("sec-websocket-key"))
+    params = query_parameters(request.target)
+    token = params.get("token", "")
+    if not token:
+        raise TokenRefused("missing token")
+    desktop = gateway.tokens.acquire(token)
+    if desktop is None:
+        raise TokenRefused("unknown or expired token", f"token {token_hint(token)}")
+    desktop_sock = None
+    try:
+        try:
+            desktop_sock = socket.create_connection(desktop, timeout=DESKTOP_CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            raise DesktopUnavailable(
+                "desktop unavailable",
+                f"desktop {desktop[0]}:{desktop[1]} (token {token_hint(token)}): "
+                f"{exc.strerror or exc}") from None
+        desktop_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        subprotocol = choose_subprotocol(request)
+        stream.send(handshake_response(key, subprotocol))
+        tunnel = Tunnel(gateway.config, stream.sock, desktop_sock, client, desktop, token,
+                        subprotocol, client_version(params))
+        gateway.tunnel_opened(tunnel)
+        try:
+            tunnel.run(bytes(stream.buffer))
+        finally:
+            gateway.tunnel_closed(tunnel)
+    finally:
+        gateway.tokens.release(token)
+        if desktop_sock is not None:
+            desktop_sock.close()
+
+
+def _hard_shutdown(sock: socket.socket) -> None:
+    # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the TLS
+    # object under the feet of the thread that may be using it.
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _wait(sock: socket.socket, events: int, timeout_s: float | None) -> int:
+    poller = select.poll()
+    poller.register(sock, events)
+    ready = poller.poll(None if timeout_s is None else max(0, int(timeout_s * 1000)))
+    return ready[0][1] if ready else 0
+
+
+_WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
+_HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+class Tunnel:
+    """One WebSocket tunnel: the client's socket and the desktop's, two relay threads.
+
+    The connection thread runs the client -> desktop relay (run()), a second thread
+    the desktop -> client relay. Sockets are owned (closed) by serve_connection and
+    serve_tunnel; the tunnel only shuts them down to wake its threads.
+    """
+
+    def __init__(self, config: Config, client_sock: socket.socket, desktop_sock: socket.socket,
+                 client: str, desktop: tuple[str, int], token: str,
+                 subprotocol: str | None, version: int):
+        self.config = config
+        self.client_sock = client_sock
+        self.desktop_sock = desktop_sock
+        self.client = client
+        self.desktop = desktop
+        self.token = token
+        self.subprotocol = subprotocol
+        self.version = version
+        self.started = time.monotonic()
+        self.bytes_up = 0      # client -> desktop payload bytes
+        self.bytes_down = 0    # desktop -> client payload bytes
+        self._tls_lock = threading.Lock()    # every call on client_sock
+        self._send_lock = threading.Lock()   # one whole frame at a time to the client
+        self._state_lock = threading.Lock()
+        self._reason: str | None = None
+        self._ended = False
+        self._close_sent_at: float | None = None
+        self._pending = getattr(client_sock, "pending", None)
+
+    # -- shared by both relay threads ------------------------------------------------
+
+    def note_reason(self, reason: str) -> None:
+        with self._state_lock:
+            if self._reason is None:
+                self._reason = reason
+
+    def end(self, reason: str) -> None:
+        """Records why (first reason wins) and wakes every thread of the tunnel."""
+        self.note_reason(reason)
+        with self._state_lock:
+            if self._ended:
+                return
+            self._ended = True
+        _hard_shutdown(self.desktop_sock)
+        _hard_shutdown(self.client_sock)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def send_to_client(self, data, lock_timeout_s: float | None = None,
+                       deadline: float | None = None) -> bool:
+        """Sends one whole frame; False if the tunnel ended or a limit passed first."""
+        if not self._send_lock.acquire(timeout=-1 if lock_timeout_s is None else lock_timeout_s):
+            return False
+        try:
+            view = memoryview(data)
+            while view.nbytes:
+                if self._ended:
+                    return False
+                try:
+                    with self._tls_lock:
+                        sent = self.client_sock.send(view)
+                except _WOULD_BLOCK:
+                    sent = 0
+                except OSError as exc:
+                    self.end(f"client connection lost: {exc.strerror or exc}")
+                    return False
+                if sent:
+                    view = view[sent:]
+                    continue
+                timeout = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if timeout <= 0:
+                    return False
+                _wait(self.client_sock, select.POLLOUT, timeout)
+            return True
+        finally:
+            self._send_lock.release()
+
+    def send_close(self, code: int | None, reason: str = "") -> None:
+        """Our Close frame, at most once, bounded in time."""
+        with self._state_lock:
+            if self._close_sent_at is not None:
+                return
+            self._close_sent_at = time.monotonic()
+        deadline = time.monotonic() + CLOSE_LINGER_S
+        self.send_to_client(close_frame(code, reason), lock_timeout_s=LOCK_WAIT_S,
+                            deadline=deadline)
+
+    def stop(self, code: int, reason: str) -> None:
+        """From another thread (SIGTERM): Close to the client, then end."""
+        self.note_reason(reason)
+        self.send_close(code, reason)
+        self.end(reason)
+
+    # -- the connection thread: client -> desktop ------------------------------------
+
+    def run(self, early: bytes) -> None:
+        self.client_sock.setblocking(False)
+        self.desktop_sock.setblocking(False)
+        down = threading.Thread(target=self._relay_down,
+                                name=threading.current_thread().name + "-down", daemon=True)
+        log.debug("%s: tunnel to %s:%d open (token %s, subprotocol %s, ver %d)", self.client,
+                  self.desktop[0], self.desktop[1], token_hint(self.token),
+                  self.subprotocol or "none", self.version)
+        down.start()
+        try:
+            self._relay_up(early)
+        except Exception as exc:   # a bug must not leave the desktop connected
+            log.exception("%s: tunnel relay failed", self.client)
+            self.end(f"internal error: {exc}")
+        finally:
+            self.end("tunnel closed")
+            down.join(GRACE_S + CLOSE_LINGER_S)
+            log.info("tunnel ended: client %s, desktop %s:%d, token %s, %d bytes up, "
+                     "%d bytes down, %.1f s: %s", self.client, self.desktop[0], self.desktop[1],
+                     token_hint(self.token), self.bytes_up, self.bytes_down,
+                     time.monotonic() - self.started, self._reason)
+
+    def _relay_up(self, early: bytes) -> None:
+        config = self.config
+        keepalive = config.keepalive_s if self.version >= 2 else 0
+        decoder = FrameDecoder(base64_text=self.subprotocol == "base64")
+        poller = select.poll()
+        poller.register(self.client_sock, select.POLLIN)
+        poller.register(self.desktop_sock, _HANGUP)   # desktop gone while we wait
+        buf = bytearray(CLIENT_READ_BYTES)
+        next_ping = time.monotonic() + keepalive if keepalive else None
+        ping_out_since: float | None = None
+        end_by: float | None = None   # one side gone: the tunnel ends by then
+        end_by_reason = ""
+        data = early
+        while not self._ended:
+            if not data:
+                data = self._read_client(buf)
+            if data is None:     # nothing to read now: wait
+                now = time.monotonic()
+                if self._close_sent_at is not None and end_by is None:
+                    end_by = self._close_sent_at + CLOSE_LINGER_S
+                    end_by_reason = "no Close answer from the client"
+                timers = [t for t in (next_ping, end_by,
+                                      ping_out_since and ping_out_since + config.pong_timeout_s)
+                          if t]
+                timeout = max(0, min(timers) - now) if timers else None
+                if timeout is not None:
+                    timeout = min(timeout, 60.0)
+                for fd, event in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+                    if fd == self.desktop_sock.fileno() and event & _HANGUP:
+                        poller.unregister(self.desktop_sock)
+                        if end_by is None:
+                            end_by = time.monotonic() + GRACE_S
+                            end_by_reason = "desktop closed, client not reading"
+                now = time.monotonic()
+                if end_by is not None and now >= end_by:
+                    self.end(end_by_reason)
+                    return
+                if ping_out_since is not None and now >= ping_out_since + config.pong_timeout_s:
+                    self.note_reason(f"no answer to Ping within {config.pong_timeout_s:g} s")
+                    self.send_close(1001, "ping timeout")
+                    self.end("ping timeout")
+                    return
+                if next_ping is not None and now >= next_ping:
+                    self.send_to_client(encode_frame(OP_PING, b"flexvdi"), lock_timeout_s=0.2,
+                                        deadline=now + 1)
+                    if ping_out_since is None:
+                        ping_out_since = now   # even if the writer was busy: no sign of life
+                    next_ping = now + keepalive
+                continue
+            if not data:
+                self.end("client disconnected without a Close")
+                return
+            ping_out_since = None    # any byte from the client is a sign of life
+            if self._handle_client_bytes(decoder, data):
+                return
+            data = b""
+
+    def _read_client(self, buf: bytearray):
+        """Decrypted bytes, None if none are ready, b"" at EOF."""
+        try:
+            with self._tls_lock:
+                size = self.client_sock.recv_into(buf)
+        except _WOULD_BLOCK:
+            return None
+        except OSError as exc:
+            self.end(f"client connection lost: {exc.strerror or exc}")
+            return b""
+        return bytes(buf[:size]) if size else b""
+
+    def _handle_client_bytes(self, decoder: FrameDecoder, data: bytes) -> bool:
+        """Acts on decoded events; True when the tunnel is over."""
+        for event in decoder.feed(data):
+            kind = event[0]
+            if kind == "data":
+                if self._close_sent_at is None:
+                    self._send_to_desktop(event[1])
+            elif kind == "ping":
+                self.send_to_client(encode_frame(OP_PONG, event[1]), lock_timeout_s=LOCK_WAIT_S)
+            elif kind == "close":
+                code = event[1]
+                self.note_reason("client closed" + (f" ({code})" if code else ""))
+                self.send_close(code, "")
+                self.end("client closed")
+                return True
+            elif kind == "error":
+                self.note_reason(f"client broke the protocol: {event[2]}")
+                self.send_close(event[1], event[2][:100])
+                self.end("protocol error")
+                return True
+            if self._ended:
+                return True
+        return False
+
+    def _send_to_desktop(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view.nbytes and not self._ended:
+            try:
+                sent = self.desktop_sock.send(view)
+            except _WOULD_BLOCK:
+                sent = 0
+            except OSError as exc:
+                self.note_reason(f"desktop connection lost: {exc.strerror or exc}")
+                self.send_close(1011, "desktop connection lost")
+                self.end("desktop connection lost")
+                return
+            if sent:
+                view = view[sent:]
+                self.bytes_up += sent
+            else:
+                _wait(self.desktop_sock, select.POLLOUT, 1.0)
+
+    # -- the down thread: desktop -> client ------------------------------------------
+
+    def _relay_down(self) -> None:
+        try:
+            self._relay_down_loop()
+        except Exception as exc:
+            log.exception("%s: tunnel relay (down) failed", self.client)
+            self.end(f"internal error: {exc}")
+
+    def _relay_down_loop(self) -> None:
+        base64_mode = self.subprotocol == "base64"
+        limit = (MAX_SEND_PAYLOAD // 4) * 3 if base64_mode else MAX_SEND_PAYLOAD
+        buf = bytearray(10 + limit)
+        view = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.desktop_sock, select.POLLIN)
+        poller.register(self.client_sock, _HANGUP)   # client gone while the desktop is silent
+        client_gone_at: float | None = None
+        while not self._ended:
+            try:
+                size = self.desktop_sock.recv_into(view[10:])
+            except _WOULD_BLOCK:
+                timeout = None if client_gone_at is None else max(
+                    0, client_gone_at + GRACE_S - time.monotonic())
+                for fd, event in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+                    if fd == self.client_sock.fileno() and event & _HANGUP:
+                        poller.unregister(self.client_sock)
+                        client_gone_at = time.monotonic()
+                if client_gone_at is not None and time.monotonic() >= client_gone_at + GRACE_S:
+                    self.end("client disconnected")
+                continue
+            except OSError as exc:
+                if not self._ended:
+                    self.note_reason(f"desktop connection lost: {exc.strerror or exc}")
+                    self.send_close(1011, "desktop connection lost")
+                    self.end("desktop connection lost")
+                return
+            if size == 0:
+                if not self._ended:
+                    # Every byte the desktop sent has been delivered: now Close 1000,
+                    # and the up thread waits a moment for the client's answer.
+                    self.note_reason("desktop closed")
+                    self.send_close(1000, "desktop closed")
+                    _hard_shutdown(self.desktop_sock)
+                return
+            if base64_mode:
+                frame = encode_frame(OP_TEXT, base64.b64encode(view[10:10 + size]))
+            else:
+                header = frame_header(OP_BINARY, size)
+                start = 10 - len(header)
+                buf[start:10] = header
+                frame = view[start:10 + size]
+            if not self.send_to_client(frame):
+                return
+            self.bytes_down += size
+
+
+# =====================================================================================
+# Operation: --check-config and main()
+# =====================================================================================
+
+def check_config(path: str, out=sys.stdout) -> int:
+    """One line per check; the number of failed checks (0 = all good)."""
+    failures = 0
+
+    def report(name: str, ok: bool, text: str) -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{name}: {'OK' if ok else 'FAIL'}: {text}", file=out)
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        report("configuration", False, str(exc))
+        return failures
+    report("configuration", True, path)
+    if not os.path.exists(config.cert_file):
+        report("certificate", True, f"{config.cert_file} does not exist yet; a self-signed "
+               "one will be created at start")
+    else:
+        try:
+            make_server_tls_context(config.cert_file, config.key_file)
+            report("certificate", True, f"{config.cert_file} and its key load and match")
+        except (OSError, ssl.SSLError) as exc:
+            report("certificate", False, f"{config.cert_file} / {config.key_file}: {exc}")
+    if config.manager_address:
+        probe = Request("POST", "/vdi/authmode", "1.1",
+                        [("host", "flexvdi-gateway-check"),
+                         ("content-type", "application/json")])
+        body = json.dumps({"hwaddress": "flexvdi-gateway-check"}).encode()
+        try:
+            status, _, _, answer = forward_to_manager(config, config.manager_address, probe,
+                                                      "/vdi/authmode", body, "127.0.0.1:0", True)
+            try:
+                answer_status = json.loads(answer).get("status")
+            except (ValueError, AttributeError):
+                answer_status = None
+            report("manager", status == 200 and answer_status is not None,
+                   f"{config.manager_address} answered HTTP {status}, status "
+                   f"{json.dumps(answer_status)}")
+        except ManagerUnavailable as exc:
+            report("manager", False, exc.detail)
+    else:
+        report("manager", not config.ldap_enabled or not config.ldap_fallback,
+               "ManagerIP is not set")
+    if config.ldap_enabled:
+        try:
+            LdapDirectory(config).connect().unbind()
+            report("directory", True, f"bind to {config.ldap_server} as "
+                   f"{config.ldap_username or 'anonymous'} works")
+        except DirectoryUnavailable as exc:
+            report("directory", False, str(exc))
+    return failures
+
+
+def _log_handler(to_stderr: bool) -> logging.Handler:
+    if not to_stderr and os.path.exists("/dev/log"):
+        try:
+            handler: logging.Handler = logging.handlers.SysLogHandler(
+                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            handler.ident = "flexvdi-gateway: "  # type: ignore[attr-defined]
+            handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+            return handler
+        except OSError:
+            pass
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s flexvdi-gateway %(levelname)s [%(threadName)s] %(message)s"))
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flexvdi-gateway",
+                                     description="flexVDI Gateway: the public entry point "
+                                                 "of a flexVDI platform")
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH,
+                        help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--stderr", action="store_true",
+                        help="log to standard error instead of syslog")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the configuration, certificate, manager and directory")
+    parser.add_argument("--version", action="version", version=__version__)
+    args = parser.parse_args(argv)
+
+    logging.getLogger().addHandler(_log_handler(args.stderr or args.check_config))
+    log.setLevel(logging.INFO)
+    if args.check_config:
+        return 1 if check_config(args.config) else 0
+    try:
+        config = load_config(args.config)
+        if config.debug:
+            log.setLevel(logging.DEBUG)
+        gateway = Gateway(config)
+        gateway.load_tls()
+        threading.stack_size(THREAD_STACK_BYTES)
+        servers = open_listeners(gateway)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        if not args.stderr:
+            print(f"flexvdi-gateway: cannot start: {exc}", file=sys.stderr)
+        return 2
+    if not config.manager_address and not config.ldap_enabled:
+        log.warning("ManagerIP is empty: /vdi/ requests get an Error answer until it is set")
+
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    for server in servers:
+        name = "listener-tls" if server.tls else "listener-plain"
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                         name=name, daemon=True).start()
+        log.info("listening on %s port %d (%s)", server.server_address[0],
+                 server.server_address[1], "TLS" if server.tls else "plain HTTP")
+    while not stop.is_set():
+        stop.wait(0.5)
+        if reload_requested.is_set():
+            reload_requested.clear()
+            try:
+                gateway.load_tls()
+                log.info("reloaded certificate and key from %s", config.cert_file)
+            except ConfigError as exc:
+                log.error("reload failed, keeping the old certificate: %s", exc)
+    log.info("stopping: closing listeners and %d tunnels", gateway.open_tunnels)
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    gateway.stop_tunnels(timeout_s=3.5)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
