@@ -1196,6 +1196,8 @@ def forward_to_manager(config: Config, manager_address: str, request: Request, t
             if size > MAX_MANAGER_ANSWER_BYTES:
                 raise unavailable("answer over 16 MiB, cut off")
             chunks.append(chunk)
+        if response.length:   # read(amt) returns short at EOF instead of raising
+            raise http.client.IncompleteRead(b"", response.length)
         return response.status, response.reason, response.getheaders(), b"".join(chunks)
     except socket.timeout:
         raise unavailable(f"no answer within {config.manager_timeout_s:g} s") from None

@@ -117,7 +117,8 @@ class WsClient:
         self.closed = None
         self._partial = bytearray()
         self.sock.sendall(self.ws.send(Request(
-            host=host_header or f"{host}:{port}", target=target,
+            host=host_header or (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
+            target=target,
             subprotocols=list(subprotocols), extra_headers=list(extra_headers))))
         status, body = None, b""
         while True:
@@ -234,3 +235,65 @@ class WsClient:
 
 __all__ = ["WsClient", "Rejected", "post", "post_json", "raw_request", "connect",
            "read_answer", "status_of", "Ping", "Pong", "CloseConnection"]
+
+
+def pump(host, port, target, send_data, expect_size, subprotocols=("binary",), timeout=120):
+    """Sends `send_data` and receives `expect_size` bytes at the same time over one
+    tunnel, single-threaded with non-blocking I/O (an SSL socket must not be used by
+    two threads at once). Returns (sha256 of what arrived, seconds, message sizes)."""
+    import hashlib
+    import select
+    sock = connect(host, port, timeout=10)
+    ws = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(ws.send(Request(host=f"{host}:{port}", target=target,
+                                 subprotocols=list(subprotocols))))
+    received = hashlib.sha256()
+    got = 0
+    sizes = []
+    partial = 0
+    out = bytearray()
+    offset = 0
+    accepted = False
+    started = time.monotonic()
+    deadline = started + timeout
+    sock.setblocking(False)
+    view = memoryview(send_data)
+    try:
+        while got < expect_size or offset < len(view) or out:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pump timed out: sent {offset}, received {got}")
+            if accepted and not out and offset < len(view):
+                out += ws.send(BytesMessage(data=bytes(view[offset:offset + 65536])))
+                offset += min(65536, len(view) - offset)
+            want_write = bool(out)
+            readable, writable, _ = select.select([sock], [sock] if want_write else [], [], 1)
+            if sock.pending() or readable:
+                try:
+                    data = sock.recv(262144)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    data = None
+                if data == b"":
+                    raise AssertionError(f"gateway closed early: received {got}")
+                if data:
+                    ws.receive_data(data)
+                    for event in ws.events():
+                        if isinstance(event, AcceptConnection):
+                            accepted = True
+                        elif isinstance(event, BytesMessage):
+                            received.update(event.data)
+                            got += len(event.data)
+                            partial += len(event.data)
+                            if event.message_finished:
+                                sizes.append(partial)
+                                partial = 0
+                        elif isinstance(event, (CloseConnection, RejectConnection)):
+                            raise AssertionError(f"unexpected {event!r}")
+            if writable and out:
+                try:
+                    sent = sock.send(out[:262144])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    sent = 0
+                del out[:sent]
+        return received.hexdigest(), time.monotonic() - started, sizes
+    finally:
+        sock.close()
