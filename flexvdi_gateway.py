@@ -194,16 +194,16 @@ def parse_ldap_server(text: str, port: int, use_ssl: bool) -> tuple[str, int, bo
 def _check_type(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, not {json.dumps(value)}")
+            raise TypeError(f"must be true or false, not {json.dumps(value)}")
     elif isinstance(default, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number, not {json.dumps(value)}")
+            raise TypeError(f"must be a number, not {json.dumps(value)}")
         if isinstance(default, int) and name.endswith("port") and value != int(value):
             raise ValueError(f"must be a whole number, not {value}")
         if name.endswith("port"):
             value = int(value)
     elif isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"must be a string, not {json.dumps(value)}")
+        raise TypeError(f"must be a string, not {json.dumps(value)}")
     return value
 
 
@@ -222,7 +222,7 @@ def config_from_dict(data: Any, origin: str = "configuration") -> Config:
             raise ConfigError(f"{origin}: {key}: given twice (also as {seen[field.name]})")
         try:
             values[field.name] = _check_type(field.name, value, field.default)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"{origin}: {key}: {exc}") from None
         seen[field.name] = key
     config = Config(**values)
@@ -1466,8 +1466,8 @@ class LdapDirectory:
         finally:
             try:
                 connection.unbind()
-            except Exception:   # noqa: BLE001 - closing a broken connection may fail any way
-                pass
+            except Exception as exc:   # noqa: BLE001 - a broken connection fails any way
+                log.debug("directory unbind failed: %s", exc)
         if not ok and not entries and result.get("result") not in (0, 32):  # 32 noSuchObject
             raise DirectoryUnavailable(f"{self.host}:{self.port}: search failed: "
                                        f"{result.get('description')}")
@@ -1635,12 +1635,12 @@ def parse_frame_header(buf, pos: int = 0):
     size = 6
     if length == 126:
         size = 8
-        if available < size:
+        if available < 4:
             return None
         length = struct.unpack_from("!H", buf, pos + 2)[0]
     elif length == 127:
         size = 14
-        if available < size:
+        if available < 10:
             return None
         length = struct.unpack_from("!Q", buf, pos + 2)[0]
         if length >> 63:
