@@ -1582,14 +1582,19 @@ def close_frame(code: int | None, reason: str = "") -> bytes:
     return encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:120])
 
 
-def unmask(data, mask: bytes, offset: int = 0) -> bytes:
-    """XOR with the 4-byte mask starting at mask byte `offset`, without a Python loop."""
-    size = len(data)
-    if offset:
-        mask = mask[offset:] + mask[:offset]
-    key = (mask * ((size >> 2) + 1))[:size]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        size, "little")
+_XOR_TABLES = [bytes(value ^ key for value in range(256)) for key in range(256)]
+
+
+def unmask(data, mask: bytes, offset: int = 0) -> bytearray:
+    """XOR with the 4-byte mask starting at mask byte `offset`, without a Python loop.
+
+    Every fourth byte shares a mask byte, so four C-level translate() calls over
+    strided slices do the work (about twice as fast as a big-integer XOR).
+    """
+    out = bytearray(data)
+    for lane in range(4):
+        out[lane::4] = out[lane::4].translate(_XOR_TABLES[mask[(lane + offset) & 3]])
+    return out
 
 
 def valid_close_code(code: int) -> bool:
@@ -1994,16 +1999,31 @@ class Tunnel:
             data = b""
 
     def _read_client(self, buf: bytearray):
-        """Decrypted bytes, None if none are ready, b"" at EOF."""
-        try:
-            with self._tls_lock:
-                size = self.client_sock.recv_into(buf)
-        except _WOULD_BLOCK:
-            return None
-        except OSError as exc:
-            self.end(f"client connection lost: {exc.strerror or exc}")
-            return b""
-        return bytes(buf[:size]) if size else b""
+        """Decrypted bytes, None if none are ready, b"" at EOF.
+
+        One SSL read returns at most one TLS record (16 KiB); reading on until the
+        buffer is full or nothing is left makes fewer, larger trips through the decoder.
+        """
+        view = memoryview(buf)
+        size = 0
+        with self._tls_lock:
+            while size < len(buf) - 16384:
+                try:
+                    got = self.client_sock.recv_into(view[size:])
+                except _WOULD_BLOCK:
+                    break
+                except OSError as exc:
+                    if size:
+                        break   # deliver what arrived; the error comes again next read
+                    self.end(f"client connection lost: {exc.strerror or exc}")
+                    return b""
+                if not got:
+                    if size:
+                        break
+                    return b""
+                size += got
+        view.release()
+        return bytes(buf[:size]) if size else None
 
     def _handle_client_bytes(self, decoder: FrameDecoder, data: bytes) -> bool:
         """Acts on decoded events; True when the tunnel is over."""

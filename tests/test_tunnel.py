@@ -17,6 +17,11 @@ from wsclient import (CloseConnection, Ping, Rejected, WsClient, client_context,
 LOCAL = "127.0.0.1"
 
 
+def first_record(spice):
+    """The fake desktop's record of its first connection, once it has accepted it."""
+    return wait_for(lambda: spice.records, 5, message="desktop connection")[0]
+
+
 def open_ws(gateway, token, ver="2", subprotocols=("binary",), **kwargs):
     query = f"/?token={token}" + (f"&ver={ver}" if ver is not None else "")
     return WsClient(LOCAL, gateway.port, query, subprotocols=subprotocols, **kwargs)
@@ -245,7 +250,7 @@ def test_client_close_is_answered_and_desktop_disconnected(gateway, manager, spi
         assert ws.recv(1) == b"x"
         ws.close(1000)
         assert ws.wait_close() == 1000
-    assert spice.records[0]["closed"].wait(3)
+    assert first_record(spice)["closed"].wait(3)
 
 
 def test_client_vanishing_without_close_disconnects_desktop_within_two_seconds(
@@ -269,7 +274,7 @@ def test_client_reset_disconnects_desktop(gateway, manager, spice_factory):
     raw = ws.sock
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     raw.close()   # RST
-    assert spice.records[0]["closed"].wait(2)
+    assert first_record(spice)["closed"].wait(2)
 
 
 def test_keepalive_closes_tunnel_of_client_that_never_answers(gateway_factory, manager,
@@ -280,7 +285,7 @@ def test_keepalive_closes_tunnel_of_client_that_never_answers(gateway_factory, m
     ws = open_ws(gateway, token, auto_pong=False)
     started = time.monotonic()
     wait_for(lambda: spice.records, 5, message="desktop connection")
-    assert spice.records[0]["closed"].wait(6)
+    assert first_record(spice)["closed"].wait(6)
     assert 1.5 < time.monotonic() - started < 5
     ws.abort()
     wait_for(lambda: "no answer to Ping" in gateway.log_text(), 5, message="ping timeout log")
@@ -498,7 +503,7 @@ def test_client_that_stops_reading_does_not_slow_another_tunnel(gateway, manager
         assert rss < 200 * 1024, rss
     finally:
         stuck.abort()
-    assert flood.records[0]["closed"].wait(5)
+    assert first_record(flood)["closed"].wait(5)
 
 
 def test_tunnel_end_log_line_says_who_what_bytes_duration_and_why(gateway, manager,
