@@ -998,13 +998,10 @@ def serve_connection(gateway: Gateway, raw: socket.socket, peer: tuple, tls: boo
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls:
-            sock.settimeout(HEAD_TIMEOUT_S)
             sock = gateway.tls_context.wrap_socket(raw, server_side=True,
                                                    do_handshake_on_connect=False)
             try:
-                sock.do_handshake()
-            except socket.timeout:
-                raise ClientTimeout("TLS handshake not completed in time") from None
+                tls_handshake(sock, deadline)
             except (ssl.SSLEOFError, ConnectionError) as exc:
                 # Load balancer health checks connect and close: not worth a warning.
                 log.debug("%s: closed during the TLS handshake: %s", client, exc)
@@ -1022,6 +1019,26 @@ def serve_connection(gateway: Gateway, raw: socket.socket, peer: tuple, tls: boo
     finally:
         sock.close()
         log.debug("%s: connection closed after %.1f s", client, time.monotonic() - started)
+
+
+def tls_handshake(sock: ssl.SSLSocket, deadline: float) -> None:
+    """The server side of the TLS handshake, within an absolute deadline.
+
+    A blocking handshake with a socket timeout would restart the clock on every
+    read, so a client dripping its hello byte by byte could hold it far longer.
+    """
+    sock.setblocking(False)
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not _wait(sock, events, remaining):
+            raise ClientTimeout("TLS handshake not completed in time")
 
 
 def _serve_requests(gateway: Gateway, stream: Stream, client: str, tls: bool,
