@@ -14,6 +14,19 @@ import threading
 import time
 
 
+def accept_loop(listener, stop, serve):
+    """Accepts until `stop` is set or the listener closes; `serve(sock)` in a thread each."""
+    listener.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            sock, _ = listener.accept()
+        except socket.timeout:
+            continue
+        except OSError:
+            return
+        threading.Thread(target=serve, args=(sock,), daemon=True).start()
+
+
 class FakeManager:
     """HTTPS JSON server imitating the flexVDI Manager's /vdi/ API.
 
@@ -54,15 +67,7 @@ class FakeManager:
     # -- the server ------------------------------------------------------------------
 
     def _accept(self):
-        self._listener.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+        accept_loop(self._listener, self._stop, self._serve)
 
     def _serve(self, sock):
         sock.settimeout(30)
@@ -177,21 +182,13 @@ class FakeSpice:
             return len(self.records)
 
     def _accept(self):
-        self._listener.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            record = {"received": 0, "sha256": hashlib.sha256(), "closed": threading.Event(),
-                      "data": bytearray(), "sock": sock}
-            with self._lock:
-                self.records.append(record)
-            threading.Thread(target=self._run, args=(sock, record), daemon=True).start()
+        accept_loop(self._listener, self._stop, self._run)
 
-    def _run(self, sock, record):
+    def _run(self, sock):
+        record = {"received": 0, "sha256": hashlib.sha256(), "closed": threading.Event(),
+                  "data": bytearray(), "sock": sock}
+        with self._lock:
+            self.records.append(record)
         try:
             self.behaviour(sock, record)
         except OSError:
