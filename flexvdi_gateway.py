@@ -545,9 +545,9 @@ class Gateway:
 
     # -- called by main() ------------------------------------------------------------
 
-    def load_tls(self) -> None:
+    def load_tls(self, create: bool = True) -> None:
         """(Re)loads certificate and key; SIGHUP calls this. Old context stays on error."""
-        if ensure_certificate(self.config.cert_file, self.config.key_file):
+        if create and ensure_certificate(self.config.cert_file, self.config.key_file):
             log.warning("created a self-signed certificate in %s", self.config.cert_file)
         try:
             context = make_server_tls_context(self.config.cert_file, self.config.key_file)
@@ -2161,8 +2161,10 @@ def check_config(path: str, out=sys.stdout) -> int:
         return failures
     report("configuration", True, path)
     if not os.path.exists(config.cert_file):
-        report("certificate", True, f"{config.cert_file} does not exist yet; a self-signed "
-               "one will be created at start")
+        problem = _cannot_create(config.cert_file) or _cannot_create(config.key_file)
+        report("certificate", not problem, f"{config.cert_file} does not exist yet; " + (
+            f"a self-signed one cannot be created: {problem}" if problem
+            else "a self-signed one will be created at start"))
     else:
         try:
             make_server_tls_context(config.cert_file, config.key_file)
@@ -2187,8 +2189,11 @@ def check_config(path: str, out=sys.stdout) -> int:
         except ManagerUnavailable as exc:
             report("manager", False, exc.detail)
     else:
-        report("manager", not config.ldap_enabled or not config.ldap_fallback,
-               "ManagerIP is not set")
+        # Only a directory without fallback can do without ManagerIP.
+        ok = config.ldap_enabled and not config.ldap_fallback
+        report("manager", ok, "ManagerIP is not set" + (
+            "; every user's manager comes from the directory" if ok
+            else ": /vdi/ requests would get an Error answer"))
     if config.ldap_enabled:
         try:
             LdapDirectory(config).connect().unbind()
@@ -2197,6 +2202,18 @@ def check_config(path: str, out=sys.stdout) -> int:
         except DirectoryUnavailable as exc:
             report("directory", False, str(exc))
     return failures
+
+
+def _cannot_create(path: str) -> str:
+    """Why ensure_certificate() could not create `path` ("" if it looks possible)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{directory} is not writable"
+    return ""
 
 
 def _log_handler(to_stderr: bool) -> logging.Handler:
@@ -2228,10 +2245,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=__version__)
     args = parser.parse_args(argv)
 
-    logging.getLogger().addHandler(_log_handler(args.stderr or args.check_config))
+    handler = _log_handler(args.stderr or args.check_config)
+    logging.getLogger().addHandler(handler)
     log.setLevel(logging.INFO)
     if args.check_config:
         return 1 if check_config(args.config) else 0
+    # Handlers first: a reload or stop during start-up must not kill the process.
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     try:
         config = load_config(args.config)
         if config.debug:
@@ -2242,17 +2266,12 @@ def main(argv: list[str] | None = None) -> int:
         servers = open_listeners(gateway)
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
-        if not args.stderr:
+        if not isinstance(handler, logging.StreamHandler):   # syslog: say it on stderr too
             print(f"flexvdi-gateway: cannot start: {exc}", file=sys.stderr)
         return 2
     if not config.manager_address and not config.ldap_enabled:
         log.warning("ManagerIP is empty: /vdi/ requests get an Error answer until it is set")
 
-    stop = threading.Event()
-    reload_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     for server in servers:
         name = "listener-tls" if server.tls else "listener-plain"
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
@@ -2264,7 +2283,7 @@ def main(argv: list[str] | None = None) -> int:
         if reload_requested.is_set():
             reload_requested.clear()
             try:
-                gateway.load_tls()
+                gateway.load_tls(create=False)   # a file gone at reload is an error
                 log.info("reloaded certificate and key from %s", config.cert_file)
             except ConfigError as exc:
                 log.error("reload failed, keeping the old certificate: %s", exc)
