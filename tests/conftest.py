@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import fakes  # noqa: E402
+import fakes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

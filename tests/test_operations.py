@@ -388,7 +388,7 @@ def spawn(tmp_path):
 
     def start(settings, port):
         path = write_config(tmp_path / f"gw{len(started)}.conf", settings)
-        log = open(tmp_path / f"gw{len(started)}.log", "wb")  # noqa: SIM115 - closed at teardown
+        log = open(tmp_path / f"gw{len(started)}.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "flexvdi_gateway", "-c", path,
                                  "--stderr"], cwd=ROOT, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT)

@@ -75,7 +75,7 @@ class ProxyProcess:
         self.name = name
         self.port = port
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -380,7 +380,7 @@ def test_several_clients_at_once_through_haproxy_balance_source(balanced, manage
             finally:
                 for ws in sockets:
                     ws.abort()
-        except BaseException as exc:   # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             errors.append((i, repr(exc)))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]

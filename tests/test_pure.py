@@ -5,9 +5,10 @@ import logging
 import os
 import threading
 
-import flexvdi_gateway as gw
 import pytest
-from wsproto.frame_protocol import FrameProtocol, Opcode
+from wsproto.frame_protocol import FrameProtocol
+
+import flexvdi_gateway as gw
 
 # -- configuration ---------------------------------------------------------------------
 

@@ -11,8 +11,16 @@ import time
 import fakes
 import pytest
 from conftest import wait_for
-from wsclient import (CloseConnection, Ping, Rejected, WsClient, client_context, connect,
-                      pump, read_answer, status_of)
+from wsclient import (
+    Ping,
+    Rejected,
+    WsClient,
+    client_context,
+    connect,
+    pump,
+    read_answer,
+    status_of,
+)
 
 LOCAL = "127.0.0.1"
 

@@ -12,8 +12,17 @@ import time
 from collections import deque
 
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, Pong,
-                            RejectConnection, RejectData, Request, TextMessage)
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
 
 
 def client_context():
@@ -49,7 +58,7 @@ def post(host, port, path, body, tls=True, headers=None, timeout=40, raw_body=No
 
 
 def post_json(host, port, path, body, **kwargs):
-    status, headers, data = post(host, port, path, body, **kwargs)
+    status, _headers, data = post(host, port, path, body, **kwargs)
     return status, json.loads(data)
 
 
@@ -178,7 +187,7 @@ class WsClient:
             self.closed = event.code
             try:
                 self.sock.sendall(self.ws.send(event.response()))
-            except Exception:   # noqa: BLE001 - peer may be gone already
+            except Exception:
                 pass
         elif isinstance(event, (BytesMessage, TextMessage)):
             self._partial += event.data if isinstance(event.data, bytes) else event.data.encode()
@@ -220,7 +229,7 @@ class WsClient:
     def close(self, code=1000):
         try:
             self.sock.sendall(self.ws.send(CloseConnection(code=code)))
-        except Exception:   # noqa: BLE001 - tests close in any state
+        except Exception:
             pass
 
     def abort(self):
@@ -233,8 +242,19 @@ class WsClient:
         self.sock.close()
 
 
-__all__ = ["WsClient", "Rejected", "post", "post_json", "raw_request", "connect",
-           "read_answer", "status_of", "Ping", "Pong", "CloseConnection"]
+__all__ = [
+    "CloseConnection",
+    "Ping",
+    "Pong",
+    "Rejected",
+    "WsClient",
+    "connect",
+    "post",
+    "post_json",
+    "raw_request",
+    "read_answer",
+    "status_of",
+]
 
 
 def pump(host, port, target, send_data, expect_size, subprotocols=("binary",), timeout=120):
