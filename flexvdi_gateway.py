@@ -1125,8 +1125,10 @@ def choose_manager(gateway: Gateway, body: bytes, client: str) -> str:
     if not config.ldap_fallback:
         raise NoManagerForUser("No desktop service is configured for this user.",
                                f"user {printable(username)}: {why}; LDAPFallback is off")
+    manager = _fallback_manager(config, f"user {printable(username)}: {why}, and the "
+                                "fallback ManagerIP is empty")
     log.warning("%s: user %s: %s; using ManagerIP", client, printable(username), why)
-    return _fallback_manager(config, f"user {printable(username)}: {why} and ManagerIP is empty")
+    return manager
 
 
 def _fallback_manager(config: Config, why: str) -> str:
@@ -1430,13 +1432,13 @@ class LdapDirectory:
             flight.done.set()
 
     def _store(self, key: str, expires: float, result: tuple[str | None, str]) -> None:
-        if len(self._cache) >= LDAP_CACHE_MAX:
-            now = self._clock()
-            for old in [k for k, (e, _) in self._cache.items() if e <= now]:
-                del self._cache[old]
-            while len(self._cache) >= LDAP_CACHE_MAX:
-                del self._cache[next(iter(self._cache))]
+        # Entries are stored in search order and share one lifetime, so the first
+        # ones are the oldest: evicting from the front costs O(1) per insert.
         self._cache.pop(key, None)
+        now = self._clock()
+        while self._cache and (len(self._cache) >= LDAP_CACHE_MAX
+                               or next(iter(self._cache.values()))[0] <= now):
+            del self._cache[next(iter(self._cache))]
         self._cache[key] = (expires, result)
 
     def connect(self):
@@ -1462,11 +1464,10 @@ class LdapDirectory:
                 raise DirectoryUnavailable(f"{where}: bind as "
                                            f"{printable(config.ldap_username or 'anonymous')} "
                                            f"refused: {description}")
-        except LDAPException as exc:
-            raise DirectoryUnavailable(f"{where}: cannot connect or bind: "
-                                       f"{_ldap_error(exc)}") from None
-        except OSError as exc:
-            raise DirectoryUnavailable(f"{where}: {exc.strerror or exc}") from None
+        except (LDAPException, OSError) as exc:
+            _close_quietly(connection)   # a refused connection must not leak its socket
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _ldap_error(exc)
+            raise DirectoryUnavailable(f"{where}: cannot connect or bind: {why}") from None
         return connection
 
     def _search(self, username: str) -> tuple[str | None, str]:
@@ -1492,10 +1493,7 @@ class LdapDirectory:
             raise DirectoryUnavailable(f"{self.host}:{self.port}: search failed: "
                                        f"{_ldap_error(exc)}") from None
         finally:
-            try:
-                connection.unbind()
-            except Exception as exc:   # noqa: BLE001 - a broken connection fails any way
-                log.debug("directory unbind failed: %s", exc)
+            _close_quietly(connection)
         if not ok and not entries and result.get("result") not in (0, 32):  # 32 noSuchObject
             raise DirectoryUnavailable(f"{self.host}:{self.port}: search failed: "
                                        f"{result.get('description')}")
@@ -1517,6 +1515,13 @@ class LdapDirectory:
         except ValueError:
             return None, f"{config.ldap_attribute} is not a manager address: {printable(value)}"
         return value, "directory"
+
+
+def _close_quietly(connection) -> None:
+    try:
+        connection.unbind()
+    except Exception as exc:   # noqa: BLE001 - a broken connection fails in any way
+        log.debug("directory unbind failed: %s", exc)
 
 
 def _ldap_error(exc: Exception) -> str:

@@ -356,8 +356,8 @@ def test_pip_install_into_fresh_venv(tmp_path):
     exe = venv / "bin" / "flexvdi-gateway"
     assert exe.is_file() and os.access(exe, os.X_OK)
     r = run(
-        [py, "-c", "import ldap3, websockets.speedups, flexvdi_gateway as g; "
-                   "assert g._apply_mask is not None"],
+        [py, "-c", ("import ldap3, websockets.speedups, flexvdi_gateway as g; "
+                    "assert g._apply_mask is not None")],
         timeout=60,
     )
     assert r.returncode == 0, r.stdout
