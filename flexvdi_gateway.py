@@ -890,6 +890,11 @@ def public_host(public_address: str, plain: bool, request: Request,
     return f"[{local_ip}]" if ":" in local_ip else local_ip
 
 
+# A LF without its CR, or a CR followed by anything but LF (a CR at the very end of
+# what has arrived so far may still get its LF).
+_BARE_CR_OR_LF = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
+
+
 class Stream:
     """Blocking reads and writes of one connection with deadlines; HTTP phase only."""
 
@@ -921,8 +926,11 @@ class Stream:
                 raise
             if idle_deadline is not None:
                 deadline = time.monotonic() + HEAD_TIMEOUT_S
+        elif idle_deadline is not None:   # pipelined: this head's clock starts now
+            deadline = time.monotonic() + HEAD_TIMEOUT_S
+        scanned = 0
         while True:
-            end = self.buffer.find(b"\r\n\r\n")
+            end = self.buffer.find(b"\r\n\r\n", max(0, scanned - 3))
             if end >= 0:
                 head = bytes(self.buffer[:end])
                 del self.buffer[:end + 4]
@@ -931,6 +939,11 @@ class Stream:
                 return head
             if len(self.buffer) > MAX_HEAD_BYTES:
                 raise HeadersTooLarge("request head over 64 KiB")
+            # A head whose lines end in a bare LF never gets its CRLFCRLF: refuse it
+            # now rather than at the deadline.
+            if _BARE_CR_OR_LF.search(self.buffer, max(0, scanned - 1)):
+                raise BadRequest("bare CR or LF in the request head")
+            scanned = len(self.buffer)
             self.buffer += self._recv(deadline)
 
     def read_exactly(self, size: int) -> bytes:
@@ -943,12 +956,14 @@ class Stream:
     def read_line(self, limit: int = 4096) -> bytes:
         while True:
             end = self.buffer.find(b"\r\n")
+            if end > limit or (end < 0 and len(self.buffer) > limit):
+                raise BadRequest("chunk header line too long")
+            if _BARE_CR_OR_LF.search(self.buffer, 0, end if end >= 0 else len(self.buffer)):
+                raise BadRequest("bare CR or LF in a chunk header line")
             if end >= 0:
                 line = bytes(self.buffer[:end])
                 del self.buffer[:end + 2]
                 return line
-            if len(self.buffer) > limit:
-                raise BadRequest("chunk header line too long")
             self.buffer += self._recv(time.monotonic() + BODY_TIMEOUT_S)
 
     def read_body(self, request: Request) -> bytes:
@@ -1046,11 +1061,11 @@ def _serve_requests(gateway: Gateway, stream: Stream, client: str, tls: bool,
                     deadline: float) -> None:
     idle_deadline = None
     while True:
-        head = stream.read_head(deadline, idle_deadline)
-        if head is None:
-            return
         request = None
         try:
+            head = stream.read_head(deadline, idle_deadline)
+            if head is None:
+                return
             request = parse_request_head(head)
             if request.is_upgrade:
                 serve_tunnel(gateway, stream, request, client)
@@ -1193,11 +1208,26 @@ def forward_to_manager(config: Config, manager_address: str, request: Request, t
     connection = http.client.HTTPSConnection(
         host, port, timeout=config.manager_timeout_s,
         context=manager_tls_context(config.manager_ca_file))
+    connection.response_class = _ManagerResponse
 
     def unavailable(why: str) -> ManagerUnavailable:
+        if expired.is_set():
+            why = f"no answer within {config.manager_timeout_s:g} s"
         return ManagerUnavailable("The desktop service is not available right now. "
                                   "Please try again later.",
                                   f"manager {manager_address}: {why}")
+
+    # The socket timeout bounds each read only: a manager sending a byte now and then
+    # would hold the client for ever. At the deadline the socket is shut down.
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        if connection.sock is not None:
+            _hard_shutdown(connection.sock)
+    watchdog = threading.Timer(config.manager_timeout_s, expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         connection.putrequest(request.method, target, skip_accept_encoding=True)
         for name, value in forward_headers(request, body, client, tls):
@@ -1235,7 +1265,37 @@ def forward_to_manager(config: Config, manager_address: str, request: Request, t
     except OSError as exc:
         raise unavailable(exc.strerror or str(exc)) from None
     finally:
+        watchdog.cancel()
         connection.close()
+
+
+class _LineTracker:
+    """The response's file, remembering the last line read (see _ManagerResponse)."""
+
+    def __init__(self, fp):
+        self._fp = fp
+        self.last_line = b""
+
+    def readline(self, *args):
+        self.last_line = self._fp.readline(*args)
+        return self.last_line
+
+    def __getattr__(self, name):
+        return getattr(self._fp, name)
+
+
+class _ManagerResponse(http.client.HTTPResponse):
+    """http.client takes a head cut off by EOF for a whole one (and then an empty,
+    close-delimited body): a manager dying mid-answer would pass for an empty 200."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fp = _LineTracker(self.fp)
+
+    def begin(self):
+        super().begin()
+        if self.fp is not None and self.fp.last_line not in (b"\r\n", b"\n"):
+            raise http.client.IncompleteRead(b"")
 
 
 def spice_port_of(value: Any) -> int | None:
@@ -2109,6 +2169,8 @@ class Tunnel:
 
     def _send_to_desktop(self, data: bytes) -> None:
         view = memoryview(data)
+        keepalive = self.config.keepalive_s if self.version >= 2 else 0
+        next_ping = None
         while view.nbytes and not self._ended:
             try:
                 sent = self.desktop_sock.send(view)
@@ -2122,8 +2184,20 @@ class Tunnel:
             if sent:
                 view = view[sent:]
                 self.bytes_up += sent
-            else:
-                _wait(self.desktop_sock, select.POLLOUT, 1.0)
+                next_ping = None
+                continue
+            _wait(self.desktop_sock, select.POLLOUT, 1.0)
+            # The desktop is not reading, so neither do we read the client: a client
+            # that went away meanwhile is seen only when we write to it (its kernel
+            # answers a closed connection with a reset). Keep pinging; no Pong is
+            # awaited, it would wait unread behind the upload.
+            now = time.monotonic()
+            if keepalive and next_ping is None:
+                next_ping = now + keepalive
+            elif keepalive and now >= next_ping:
+                self.send_to_client(encode_frame(OP_PING, b"flexvdi"), lock_timeout_s=0.2,
+                                    deadline=now + 1)
+                next_ping = now + keepalive
 
     # -- the down thread: desktop -> client ------------------------------------------
 
