@@ -363,7 +363,8 @@ def test_client_vanishing_without_fin_or_rst_ends_by_keepalive(gateway_factory, 
             flow.wait_round()
         assert took < 8, took
         wait_for(lambda: "no answer to Ping" in gateway.log_text(), 5,
-                 message="the ping timeout in the log")
+                 message="the ping timeout in the log; tunnel end lines: "
+                 + repr([x for x in gateway.log_text().splitlines() if "tunnel ended" in x]))
         settle(gateway, threads, fds)
     finally:
         proxy.close()
