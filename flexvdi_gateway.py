@@ -16,6 +16,8 @@ Thread model (every thread is named, so ``py-spy dump`` reads like this list):
   conn-N          one per accepted connection: TLS handshake, HTTP requests with
                   keep-alive, and for a tunnel the client -> desktop relay.
   conn-N-down     the desktop -> client relay of a tunnel.
+  conn-N-manager-deadline  a timer per /vdi/ request that cuts a manager off at
+                  ManagerTimeout (a socket timeout alone bounds each read only).
 A tunnel therefore costs two threads. Both wait in ``select.poll`` and then do a
 non-blocking read or write. OpenSSL objects are not thread-safe, so every call on a
 tunnel's TLS socket happens under that tunnel's lock, and the lock is never held
@@ -1226,6 +1228,7 @@ def forward_to_manager(config: Config, manager_address: str, request: Request, t
         if connection.sock is not None:
             _hard_shutdown(connection.sock)
     watchdog = threading.Timer(config.manager_timeout_s, expire)
+    watchdog.name = threading.current_thread().name + "-manager-deadline"
     watchdog.daemon = True
     watchdog.start()
     try:
