@@ -481,6 +481,7 @@ def make_server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     context.load_cert_chain(cert_file, key_file or None)
+    context.num_tickets = 1   # one TLS 1.3 resumption ticket is enough per connection
     return context
 
 
