@@ -2072,9 +2072,10 @@ class Tunnel:
         end_by: float | None = None   # one side gone: the tunnel ends by then
         end_by_reason = ""
         data = early
+        drained = False   # the last read took everything: wait before reading again
         while not self._ended:
             if not data:
-                data = self._read_client()
+                data, drained = (None, False) if drained else self._read_client()
             if data is None:     # nothing to read now: wait
                 now = time.monotonic()
                 if self._close_sent_at is not None and end_by is None:
@@ -2117,35 +2118,44 @@ class Tunnel:
             data = b""
 
     def _read_client(self):
-        """Decrypted bytes, None if none are ready, b"" at EOF.
+        """(decrypted bytes, drained): bytes None if none are ready, b"" at EOF.
 
         One SSL read returns at most one TLS record (16 KiB); reading on until
         CLIENT_READ_BYTES or nothing is left makes fewer, larger trips through the
-        decoder. Fresh bytes objects, not a buffer kept per tunnel: an idle tunnel
-        then holds no memory for reading (1,000 tunnels x 256 KiB would be 250 MiB).
+        decoder. A short read with nothing pending in OpenSSL most likely emptied the
+        socket: `drained` then sends the caller to poll() rather than to a read that
+        fails (interactive channels save a system call and an exception per message).
+        Fresh bytes objects, not a buffer kept per tunnel: an idle tunnel then holds
+        no memory for reading (1,000 tunnels x 256 KiB would be 250 MiB).
         """
         chunks = []
         size = 0
+        drained = False
+        full = 16384 if self._pending else 65536   # a TLS record, or one plain read
         with self._tls_lock:
             while size < CLIENT_READ_BYTES:
                 try:
                     chunk = self.client_sock.recv(65536)
                 except _WOULD_BLOCK:
+                    drained = True
                     break
                 except OSError as exc:
                     if size:
                         break   # deliver what arrived; the error comes again next read
                     self.end(f"client connection lost: {exc.strerror or exc}")
-                    return b""
+                    return b"", True
                 if not chunk:
                     if size:
                         break
-                    return b""
+                    return b"", True
                 chunks.append(chunk)
                 size += len(chunk)
+                if len(chunk) < full and not (self._pending and self._pending()):
+                    drained = True
+                    break
         if not chunks:
-            return None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return None, False
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), drained
 
     def _handle_client_bytes(self, decoder: FrameDecoder, data: bytes) -> bool:
         """Acts on decoded events; True when the tunnel is over."""
@@ -2223,8 +2233,12 @@ class Tunnel:
         poller.register(self.desktop_sock, select.POLLIN)
         poller.register(self.client_sock, _HANGUP)   # client gone while the desktop is silent
         client_gone_at: float | None = None
+        drained = False   # the last read was short: wait before reading again
         while not self._ended:
             try:
+                if drained:
+                    drained = False
+                    raise BlockingIOError   # go to poll() without a failing read
                 size = self.desktop_sock.recv_into(view[10:])
             except _WOULD_BLOCK:
                 timeout = None if client_gone_at is None else max(
@@ -2260,6 +2274,7 @@ class Tunnel:
             if not self.send_to_client(frame):
                 return
             self.bytes_down += size
+            drained = size < len(buf) - 10
             if size == len(buf) - 10 and size < limit:
                 view.release()
                 buf = bytearray(10 + limit)
