@@ -18,6 +18,7 @@ Thread model (every thread is named, so ``py-spy dump`` reads like this list):
   conn-N-down     the desktop -> client relay of a tunnel.
   conn-N-manager-deadline  a timer per /vdi/ request that cuts a manager off at
                   ManagerTimeout (a socket timeout alone bounds each read only).
+  stop-tunnel     at SIGTERM only: one per tunnel, sends Close 1001 in parallel.
 A tunnel therefore costs two threads. Both wait in ``select.poll`` and then do a
 non-blocking read or write. OpenSSL objects are not thread-safe, so every call on a
 tunnel's TLS socket happens under that tunnel's lock, and the lock is never held
