@@ -62,6 +62,14 @@ def no_traceback(done):
     assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
 
 
+def check_config_failing(path):
+    """`--check-config` on a file that must fail: (result, its output lines, seconds)."""
+    done, seconds = run_gateway("-c", path, "--check-config")
+    no_traceback(done)
+    assert done.returncode != 0, done.stdout
+    return done, lines(done.stdout), seconds
+
+
 def cert_der(pem_path):
     """The DER form of the (first) certificate in a PEM file."""
     with open(pem_path) as f:
@@ -107,10 +115,7 @@ def test_check_config_good(tmp_path, manager, certs):
 
 def test_check_config_invalid_json_names_the_file(tmp_path):
     path = write_config(tmp_path / "gw.conf", '{"ManagerIP": "127.0.0.1",\n "SslPort": 443,}\n')
-    done, _ = run_gateway("-c", path, "--check-config")
-    no_traceback(done)
-    assert done.returncode != 0
-    out = lines(done.stdout)
+    _done, out, _ = check_config_failing(path)
     assert len(out) == 1, out
     assert out[0].startswith("configuration: FAIL") and path in out[0]
     assert "JSON" in out[0] and "line 2" in out[0]
@@ -118,10 +123,7 @@ def test_check_config_invalid_json_names_the_file(tmp_path):
 
 def test_check_config_missing_file(tmp_path):
     path = str(tmp_path / "nowhere.conf")
-    done, _ = run_gateway("-c", path, "--check-config")
-    no_traceback(done)
-    assert done.returncode != 0
-    out = lines(done.stdout)
+    _done, out, _ = check_config_failing(path)
     assert len(out) == 1 and out[0].startswith("configuration: FAIL") and path in out[0]
 
 
@@ -137,10 +139,7 @@ def test_check_config_missing_file(tmp_path):
 ])
 def test_check_config_wrong_or_missing_key_is_named(tmp_path, manager, certs, overrides, key):
     path = write_config(tmp_path / "gw.conf", base_settings(manager, certs, **overrides))
-    done, _ = run_gateway("-c", path, "--check-config")
-    no_traceback(done)
-    assert done.returncode != 0
-    out = lines(done.stdout)
+    _done, out, _ = check_config_failing(path)
     assert len(out) == 1, out
     assert out[0].startswith("configuration: FAIL")
     assert path in out[0] and f"{key}:" in out[0], out[0]
@@ -149,10 +148,7 @@ def test_check_config_wrong_or_missing_key_is_named(tmp_path, manager, certs, ov
 def test_check_config_manager_down(tmp_path, manager, certs):
     down = f"{LOCAL}:{free_port()}"
     path = write_config(tmp_path / "gw.conf", base_settings(manager, certs, ManagerIP=down))
-    done, seconds = run_gateway("-c", path, "--check-config")
-    no_traceback(done)
-    assert done.returncode != 0
-    out = lines(done.stdout)
+    _done, out, seconds = check_config_failing(path)
     assert [line.split(":")[0:2] for line in out] == [
         ["configuration", " OK"], ["certificate", " OK"], ["manager", " FAIL"]], out
     assert down in out[2]
@@ -163,10 +159,7 @@ def test_check_config_manager_down(tmp_path, manager, certs):
 def test_check_config_manager_not_answering_json_fails(tmp_path, manager, certs, mode):
     manager.mode = mode
     path = write_config(tmp_path / "gw.conf", base_settings(manager, certs, ManagerTimeout=2))
-    done, seconds = run_gateway("-c", path, "--check-config")
-    no_traceback(done)
-    assert done.returncode != 0
-    out = lines(done.stdout)
+    _done, out, seconds = check_config_failing(path)
     assert out[-1].startswith("manager: FAIL") and manager.address in out[-1], out
     assert seconds < 2 + QUICK_S
 
@@ -175,10 +168,7 @@ def test_check_config_certificate_and_key_that_do_not_match(tmp_path, manager, c
     other = make_cert(str(tmp_path / "other.pem"), "other.test")
     path = write_config(tmp_path / "gw.conf", base_settings(
         manager, certs, CertFile=certs["gateway"] + ".crt", KeyFile=other))
-    done, _ = run_gateway("-c", path, "--check-config")
-    no_traceback(done)
-    assert done.returncode != 0
-    out = lines(done.stdout)
+    _done, out, _ = check_config_failing(path)
     assert [line.split(":")[0:2] for line in out] == [
         ["configuration", " OK"], ["certificate", " FAIL"], ["manager", " OK"]], out
     assert certs["gateway"] + ".crt" in out[1] and other in out[1]
@@ -279,10 +269,7 @@ def test_check_config_directory_failures(tmp_path, manager, certs, directory, fa
                       else {"LDAPPort": free_port()})
     path = write_config(tmp_path / "gw.conf", base_settings(
         manager, certs, **ldap_settings(directory, **fault_settings)))
-    done, seconds = run_gateway("-c", path, "--check-config")
-    no_traceback(done)
-    assert done.returncode != 0
-    out = lines(done.stdout)
+    done, out, seconds = check_config_failing(path)
     assert out[-1].startswith("directory: FAIL"), out
     assert wrong not in done.stdout + done.stderr
     assert seconds < 3 + QUICK_S
