@@ -1960,6 +1960,8 @@ class Tunnel:
         self.token = token
         self.subprotocol = subprotocol
         self.version = version
+        # Clients without ver >= 2 do not answer Pings: they never get one.
+        self.keepalive_s = config.keepalive_s if version >= 2 else 0
         self.started = time.monotonic()
         self.bytes_up = 0      # client -> desktop payload bytes
         self.bytes_down = 0    # desktop -> client payload bytes
@@ -2063,7 +2065,7 @@ class Tunnel:
 
     def _relay_up(self, early: bytes) -> None:
         config = self.config
-        keepalive = config.keepalive_s if self.version >= 2 else 0
+        keepalive = self.keepalive_s
         decoder = FrameDecoder(base64_text=self.subprotocol == "base64")
         poller = select.poll()
         poller.register(self.client_sock, select.POLLIN)
@@ -2184,7 +2186,7 @@ class Tunnel:
 
     def _send_to_desktop(self, data: bytes) -> None:
         view = memoryview(data)
-        keepalive = self.config.keepalive_s if self.version >= 2 else 0
+        keepalive = self.keepalive_s
         next_ping = None
         while view.nbytes and not self._ended:
             try:
