@@ -21,6 +21,9 @@ from wsclient import (
     read_answer,
     status_of,
 )
+from wsproto.frame_protocol import FrameProtocol
+
+import flexvdi_gateway as gw
 
 LOCAL = "127.0.0.1"
 
@@ -100,7 +103,10 @@ def test_eight_tunnels_in_parallel_each_carry_their_own_data(gateway, manager, s
 
 
 def read_server_frames(sock, total, timeout=20):
-    """Raw RFC 6455 server frames: [(opcode, payload length)] until `total` payload bytes."""
+    """Raw RFC 6455 server frames until `total` payload bytes.
+
+    [(opcode, payload length, masked, payload, length minimally encoded)].
+    """
     buf = bytearray()
     frames = []
     got = 0
@@ -115,8 +121,10 @@ def read_server_frames(sock, total, timeout=20):
                         length = struct.unpack("!H", buf[2:4])[0]
                     elif length == 127:
                         length = struct.unpack("!Q", buf[2:10])[0]
+                    minimal = head == (2 if length < 126 else 4 if length < 65536 else 10)
                     if len(buf) >= head + length:
-                        frames.append((buf[0] & 0x0F, length, bool(buf[1] & 0x80)))
+                        frames.append((buf[0] & 0x0F, length, bool(buf[1] & 0x80),
+                                       bytes(buf[head:head + length]), minimal))
                         got += length
                         del buf[:head + length]
                         continue
@@ -144,21 +152,75 @@ def upgrade_raw(gateway, token, extra=b"", subprotocol=b"binary"):
     return sock, head
 
 
-def test_one_mib_desktop_write_arrives_as_frames_of_at_most_64_kib(gateway, manager,
-                                                                    spice_factory):
-    payload = fakes.pattern(1 << 20, seed=3)
+# Sizes around the batching of full frames (_gather_frames): whole frames, then a tail
+# that needs a 2-byte header (under 126 bytes), a 4-byte one, or nothing.
+@pytest.mark.parametrize("size", [1 << 20, 3 * 65520, 3 * 65520 + 1, 3 * 65520 + 125,
+                                  5 * 65520 + 126, 9 * 65520 + 4000])
+def test_desktop_burst_arrives_whole_in_frames_of_at_most_64_kib(gateway, manager,
+                                                                 spice_factory, size):
+    payload = fakes.pattern(size, seed=3)
     spice = spice_factory(fakes.source(payload))
     token = gateway.desktop_token(manager, spice)["spice_port"]
     sock, head = upgrade_raw(gateway, token)
     try:
         assert status_of(head) == 101
         frames = read_server_frames(sock, len(payload))
-        assert all(op == 2 for op, _, _ in frames)
-        assert all(not masked for _, _, masked in frames)
-        assert max(length for _, length, _ in frames) <= 65536
-        assert sum(length for _, length, _ in frames) == len(payload)
+        assert all(op == 2 for op, *_ in frames)
+        assert not any(masked for _, _, masked, *_ in frames)
+        assert all(minimal for *_, minimal in frames), "length not minimally encoded"
+        assert max(length for _, length, *_ in frames) <= 65536 - 16
+        assert b"".join(data for _, _, _, data, _ in frames) == payload
     finally:
         sock.close()
+
+
+LIMIT = gw.MAX_SEND_PAYLOAD
+
+
+@pytest.mark.parametrize("waiting, eof, expected_frames", [
+    (0, False, [LIMIT]),                               # nothing more: the first frame alone
+    (0, True, [LIMIT]),                                # EOF: left for the next read
+    (100, False, [LIMIT, 100]),                        # tail with a 2-byte header
+    (125, True, [LIMIT, 125]),
+    (126, False, [LIMIT, 126]),                        # tail with a 4-byte header
+    (LIMIT + 5, False, [LIMIT, LIMIT, 5]),
+    (3 * LIMIT, False, [LIMIT] * 4),                   # exactly a batch
+    (3 * LIMIT + 7, False, [LIMIT] * 4),               # a batch; the rest stays unread
+])
+def test_gathered_frames_are_whole_minimal_and_in_order(waiting, eof, expected_frames):
+    desktop, peer = socket.socketpair()
+    try:
+        desktop.setblocking(False)
+        first = fakes.pattern(LIMIT, seed=7)
+        more = fakes.pattern(waiting, seed=8)
+        peer.sendall(more)   # all of it waits in the socket before the gateway reads
+        if eof:
+            peer.shutdown(socket.SHUT_WR)
+        tunnel = gw.Tunnel.__new__(gw.Tunnel)
+        tunnel.desktop_sock = desktop
+        buf = bytearray(10 + gw.DOWN_BATCH_FRAMES * (LIMIT + 4))
+        view = memoryview(buf)
+        header = gw.frame_header(gw.OP_BINARY, LIMIT)
+        buf[10 - len(header):10] = header
+        buf[10:10 + LIMIT] = first
+        end, total, last, error = tunnel._gather_frames(buf, view, 10 + LIMIT, LIMIT, LIMIT)
+        assert error is None
+        protocol = FrameProtocol(client=True, extensions=[])
+        protocol.receive_bytes(bytes(buf[10 - len(header):end]))
+        frames = [frame.payload for frame in protocol.received_frames()]
+        assert [len(f) for f in frames] == expected_frames
+        assert total == sum(expected_frames)
+        assert b"".join(frames) == (first + more)[:total]
+        # The size of the last read: a short one, a full one ending the batch, or 0
+        # when nothing more was ready (would block, or EOF left for the next read).
+        assert last == (expected_frames[-1] if len(expected_frames) > 1 else 0)
+        unread = (first + more)[total:]
+        if unread:
+            assert desktop.recv(1 << 20) == unread
+        view.release()
+    finally:
+        desktop.close()
+        peer.close()
 
 
 @pytest.mark.parametrize("offered, chosen", [
