@@ -16,11 +16,13 @@ import hashlib
 import http.client
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
 import re
-import select
+import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -48,12 +50,35 @@ def log(msg):
 
 # ----------------------------------------------------------------- processes
 
+def raise_nofile():
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit
+    (thousands of tunnels need thousands of descriptors: the client one per
+    tunnel, the gateway two).  Returns (soft, hard) afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if want == resource.RLIM_INFINITY:  # the kernel caps it at fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = int(f.read())
+        except (OSError, ValueError):
+            want = soft
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def _child_setup():
     # Die with the benchmark even if it is killed with SIGKILL.
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    # Inherited from the bench already (main() raises it first); again in
+    # case a relay is started by something that did not.
+    raise_nofile()
 
 
 class Procs:
@@ -237,6 +262,11 @@ class Target:
     def open(self, kind, timeout=10.0):
         raise NotImplementedError
 
+    def spec(self, kind):
+        """What a fresh process needs to open the same connection as
+        open(kind): port, WebSocket path (None: direct), TLS on/off."""
+        raise NotImplementedError
+
     def alive(self):
         return self.available
 
@@ -252,6 +282,9 @@ class Direct(Target):
 
     def open(self, kind, timeout=10.0):
         return bl.open_direct(self.ports[kind], self.tls_ctx, timeout)
+
+    def spec(self, kind):
+        return {"port": self.ports[kind], "path": None, "tls": self.tls_ctx is not None}
 
 
 class Relay(Target):
@@ -295,6 +328,9 @@ class Relay(Target):
 
     def open(self, kind, timeout=10.0):
         return bl.open_ws(self.port, self.path(kind), self.ctx, timeout)
+
+    def spec(self, kind):
+        return {"port": self.port, "path": self.path(kind), "tls": True}
 
     def alive(self):
         return self.available and self.proc is not None and self.proc.poll() is None
@@ -366,6 +402,66 @@ def start_websockify(procs, args, work, cert, key, backends):
     time.sleep(0.3)
     t.settle()
     t.baseline_procs = len(tree_pids(t.pid)[0])
+    return t
+
+
+class SocatTls(Target):
+    """Reference, not a contender: socat relaying TLS to TCP (C, OpenSSL, fork per
+    connection, 64 KiB buffer), with no WebSocket at all. Its CPU per GiB is what
+    any relay pays here for a TLS session plus two loopback TCP connections: a
+    floor for the gateway's and websockify's figures. Throughput tests only."""
+    relay = True
+    only = ("down", "up", "bidi")
+
+    def __init__(self, name="socat-tls"):
+        super().__init__(name)
+        self.ports = {}
+        self.procs = []
+        self.ctx = bl.client_context()
+
+    def open(self, kind, timeout=10.0):
+        return bl.open_direct(self.ports[kind], self.ctx, timeout)
+
+    @property
+    def proc(self):   # for the "exited during the run" report: the first one gone
+        return next((p for p in self.procs if p.poll() is not None), self.procs[0])
+
+    def alive(self):
+        return self.available and all(p.poll() is None for p in self.procs)
+
+    def settle(self, timeout=5.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if all(len(tree_pids(p.pid)[0]) <= 1 for p in self.procs):
+                return
+            time.sleep(0.05)
+
+    def cpu(self):
+        return sum(tree_cpu(p.pid) for p in self.procs)
+
+    def fail(self, why):
+        self.available = False
+        self.why = why
+
+
+def start_socat(procs, work, cert, key, backends):
+    t = SocatTls()
+    exe = shutil.which("socat")
+    if exe is None:
+        t.fail("socat is not installed (apt-get install socat)")
+        return t
+    for kind in ("source", "sink", "duplex"):   # the backends of down, up, bidi
+        port = free_port()
+        logp = os.path.join(work, f"socat-{kind}.log")
+        listen = (f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={cert},"
+                  f"key={key},verify=0,nodelay")
+        argv = [exe, "-b", "65536", listen, f"TCP:127.0.0.1:{backends[kind]},nodelay"]
+        proc = procs.start(f"socat-{kind}", argv, logp)
+        t.procs.append(proc)
+        t.ports[kind] = port
+        if not wait_listening(port, proc, 10):
+            t.fail(f"socat did not start (log {logp}):\n{tail(logp)}")
+            return t
     return t
 
 
@@ -523,51 +619,182 @@ def test_rtt(target, iters, max_seconds):
             "n": len(samples)}
 
 
-def test_handshakes(target, parallel, max_ops, max_seconds):
-    """New tunnels per second: TLS + WebSocket handshake + one 64-byte echo."""
-    target.settle()
-    r0 = target.cpu() if target.relay else None
-    lock = threading.Lock()
-    st = {"started": 0, "ok": 0, "fail": 0}
+def _hs_ops(opener, take, end, payload):
+    """The new-tunnel loop: while before ``end`` and ``take()`` grants one
+    more from the budget: open (TLS + WebSocket handshake), one 64-byte echo,
+    close.  Returns (ok, fail, Counter of error kinds)."""
+    ok = fail = 0
     errors = collections.Counter()
-    payload = os.urandom(64)
-    c0 = client_cpu()
-    t0 = time.perf_counter()
-    end = time.monotonic() + max_seconds
-
-    def worker():
-        while time.monotonic() < end:
-            with lock:
-                if st["started"] >= max_ops:
-                    return
-                st["started"] += 1
+    while time.monotonic() < end and take():
+        try:
+            conn = opener()
             try:
-                conn = target.open("echo", timeout=10)
-                try:
-                    conn.roundtrip(payload, time.monotonic() + 10)
-                finally:
-                    conn.close()
-                with lock:
-                    st["ok"] += 1
-            except (OSError, bl.BenchError) as e:
-                with lock:
-                    st["fail"] += 1
-                    errors[type(e).__name__ + ": " + str(e)[:60]] += 1
+                conn.roundtrip(payload, time.monotonic() + 10)
+            finally:
+                conn.close()
+            ok += 1
+        except (OSError, bl.BenchError) as e:
+            fail += 1
+            errors[type(e).__name__ + ": " + str(e)[:60]] += 1
+    return ok, fail, errors
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(parallel)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(max_seconds + 30)
-    wall = time.perf_counter() - t0
-    c1 = client_cpu()
-    res = {"rate": st["ok"] / wall, "ok": st["ok"], "fail": st["fail"],
-           "client_cpu_frac": (c1 - c0) / wall}
+
+def _hs_worker(spec, budget, go, end, out):
+    """One worker process of the parallel new-tunnel test.
+
+    Starts from ``spec`` only (port, path, TLS on/off, mask, parent pid) and
+    makes its own TLS context; says "ready", waits for ``go``, then runs
+    _hs_ops until the shared deadline ``end`` or until the shared ``budget``
+    is used up; sends back ok, fail, error kinds, its own CPU seconds
+    (process_time, from the start signal on) and when it finished."""
+    _child_setup()
+    if os.getppid() != spec["parent"]:  # the bench died before PR_SET_PDEATHSIG
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    res = {"ok": 0, "fail": 0, "errors": {}, "cpu": 0.0, "finish": None}
+    try:
+        bl.set_mask_impl(spec["mask"])
+        ctx = bl.client_context() if spec["tls"] else None
+        port, path = spec["port"], spec["path"]
+        if path is None:
+            def opener():
+                return bl.open_direct(port, ctx, 10)
+        else:
+            def opener():
+                return bl.open_ws(port, path, ctx, 10)
+        payload = os.urandom(64)
+
+        def take():
+            with budget.get_lock():
+                if budget.value <= 0:
+                    return False
+                budget.value -= 1
+                return True
+
+        out.send("ready")
+        if not go.wait(120):
+            res["error"] = "no start signal"
+            return
+        c0 = time.process_time()
+        ok, fail, errors = _hs_ops(opener, take, end.value, payload)
+        res.update(ok=ok, fail=fail, errors=dict(errors), cpu=time.process_time() - c0,
+                   finish=time.monotonic())
+    except Exception as e:  # noqa: BLE001 - reported to the bench
+        res["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            out.send(res)
+            out.close()
+        except OSError:
+            pass
+
+
+def _hs_processes(target, parallel, max_ops, max_seconds):
+    """Run ``parallel`` _hs_worker processes; returns (ok, fail, errors,
+    wall seconds, client CPU seconds incl. the workers', relay CPU seconds
+    during the run)."""
+    # fork is cheap and the workers use nothing but their spec; it is only
+    # safe while this process has a single thread (a thread holding a lock
+    # at fork time would leave it locked in the child), else spawn.
+    method = "fork" if threading.active_count() == 1 else "spawn"
+    mp = multiprocessing.get_context(method)
+    spec = dict(target.spec("echo"), mask=bl.MASK_NAME, parent=os.getpid())
+    budget = mp.Value("l", max_ops)
+    end = mp.Value("d", 0.0)
+    go = mp.Event()
+    workers = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        for _ in range(parallel):
+            r, w = mp.Pipe(duplex=False)
+            p = mp.Process(target=_hs_worker, args=(spec, budget, go, end, w), daemon=True)
+            p.start()
+            w.close()
+            workers.append((p, r))
+        for p, r in workers:
+            try:
+                ready = r.poll(60) and r.recv() == "ready"
+            except EOFError:
+                ready = False
+            if not ready:
+                raise bl.BenchError(f"handshake worker ({method}) did not start "
+                                    f"(exit code {p.exitcode})")
+        r0 = target.cpu() if target.relay else None
+        c0 = client_cpu()
+        t_go = time.monotonic()
+        end.value = t_go + max_seconds
+        go.set()
+        ok = fail = 0
+        cpu = 0.0
+        errors = collections.Counter()
+        finish = []
+        for p, r in workers:
+            left = t_go + max_seconds + 30 - time.monotonic()
+            try:
+                res = r.recv() if r.poll(max(left, 0.1)) else {"error": "no result (timed out)"}
+            except EOFError:
+                res = {"error": f"worker exited (code {p.exitcode})"}
+            ok += res.get("ok", 0)
+            fail += res.get("fail", 0)
+            cpu += res.get("cpu", 0.0)
+            errors.update(res.get("errors", {}))
+            if res.get("error"):
+                errors["worker: " + res["error"][:60]] += 1
+            finish.append(res.get("finish") or time.monotonic())
+        wall = max(finish) - t_go
+        c1 = client_cpu()
+        relay = target.cpu() - r0 if r0 is not None else None
+    finally:
+        for p, _ in workers:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+                p.join(3)
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+        for _, r in workers:
+            r.close()
+    return ok, fail, errors, wall, c1 - c0 + cpu, relay, method
+
+
+def test_handshakes(target, parallel, max_ops, max_seconds):
+    """New tunnels per second: TLS + WebSocket handshake + one 64-byte echo
+    + close, ``max_ops`` in all or until ``max_seconds``.  parallel == 1: in
+    this process; else ``parallel`` worker processes (one client process is
+    held to about one core by the GIL), sharing the budget and deadline."""
+    target.settle()
+    if parallel > 1:
+        r0 = target.cpu() if target.relay else None
+        ok, fail, errors, wall, ccpu, rcpu, method = _hs_processes(target, parallel, max_ops,
+                                                                   max_seconds)
+    else:
+        left = [max_ops]
+
+        def take():
+            left[0] -= 1
+            return left[0] >= 0
+
+        r0 = target.cpu() if target.relay else None
+        c0 = client_cpu()
+        t0 = time.perf_counter()
+        method = "in-process"
+        ok, fail, errors = _hs_ops(lambda: target.open("echo", timeout=10), take,
+                                   time.monotonic() + max_seconds, os.urandom(64))
+        wall = time.perf_counter() - t0
+        ccpu = client_cpu() - c0
+        rcpu = target.cpu() - r0 if r0 is not None else None
+    wall = max(wall, 1e-6)
+    res = {"rate": ok / wall, "ok": ok, "fail": fail, "seconds": wall, "workers": parallel,
+           "worker_start": method, "client_cpu_frac": ccpu / wall}
     if errors:
         res["errors"] = dict(errors.most_common(3))
     if r0 is not None:
+        res["relay_cpu_frac"] = rcpu / wall
         target.settle(10)
-        res["relay_cpu_ms"] = (target.cpu() - r0) * 1000.0 / max(st["ok"], 1)
+        res["relay_cpu_ms"] = (target.cpu() - r0) * 1000.0 / max(ok, 1)
     return res
 
 
@@ -643,8 +870,12 @@ def test_concurrent(target, n, hold, open_parallel=32):
             await loop.run_in_executor(None, sampler.sample)
 
         pss_task = asyncio.ensure_future(mid_pss())
+        h0 = (time.perf_counter(), client_cpu(), target.cpu())
         results = await asyncio.gather(*(hold_one(r, w) for r, w in conns), return_exceptions=True)
         await pss_task
+        wall = max(time.perf_counter() - h0[0], 1e-6)
+        info["hold_client_cores"] = (client_cpu() - h0[1]) / wall
+        info["hold_relay_cores"] = (target.cpu() - h0[2]) / wall
         ok = 0
         for res in results:
             if isinstance(res, BaseException):
@@ -662,7 +893,9 @@ def test_concurrent(target, n, hold, open_parallel=32):
     rss, threads, nprocs = sampler.peak
     res = {"ok": info.get("ok", 0), "n": n, "opened": info.get("opened", 0),
            "open_seconds": info.get("open_seconds"), "rss_mib": rss, "threads": threads,
-           "procs": nprocs, "pss_mib": info.get("pss_mib")}
+           "procs": nprocs, "pss_mib": info.get("pss_mib"),
+           "hold_client_cores": info.get("hold_client_cores"),
+           "hold_relay_cores": info.get("hold_relay_cores")}
     if errors:
         res["errors"] = dict(errors.most_common(4))
     target.settle(30)
@@ -786,6 +1019,8 @@ ROWS = [
     ("new tunnels/s sequential", "hs_seq", "rate"),
     ("new tunnels/s 8 parallel", "hs_par", "rate"),
     ("relay CPU ms per new tunnel (seq)", "hs_seq", "relay_cpu_ms"),
+    ("client CPU cores, new tunnels sequential", "hs_seq", "client_cpu_frac"),
+    ("client CPU cores, new tunnels 8 parallel", "hs_par", "client_cpu_frac"),
     ("{n} tunnels: ok (echo 1/s for {hold} s)", "conc", "ok"),
     ("{n} tunnels: open phase s", "conc", "open_seconds"),
     ("{n} tunnels: peak RSS MiB (tree sum)", "conc", "rss_mib"),
@@ -795,8 +1030,11 @@ ROWS = [
 ]
 
 
-def evaluate(med, n, have_gw, have_ws):
-    """Target checks -> {(test, field): (text, PASS/FAIL/n/a)}."""
+def evaluate(med, n, have_gw, have_ws, ran=None):
+    """Target checks -> {(test, field): (text, PASS/FAIL/n/a)}; only for the
+    tests in ``ran`` (default: every test that has results in ``med``)."""
+    if ran is None:
+        ran = set(med)
     checks = {}
 
     def get(test, field, tname):
@@ -846,7 +1084,7 @@ def evaluate(med, n, have_gw, have_ws):
                                        "PASS" if thr <= lim else "FAIL")
     else:
         checks[("conc", "threads")] = (f"gw <= 2/tunnel+{THREADS_CONSTANT}", "n/a")
-    return checks
+    return {k: v for k, v in checks.items() if k[0] in ran}
 
 
 def print_table(med, cols, checks, n, hold):
@@ -864,6 +1102,9 @@ def print_table(med, cols, checks, n, hold):
         row += [text, verdict]
         if any(x != "-" for x in row[1:1 + len(cols)]):
             lines.append(row)
+    if not lines:
+        print("(no results for the comparison table)")
+        return
     widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
     out = []
     for j, r in enumerate([header] + lines):
@@ -873,6 +1114,83 @@ def print_table(med, cols, checks, n, hold):
         if j == 0:
             out.append("-" * len(out[0]))
     print("\n".join(out))
+
+
+# -------------------------------------------------------------------- scale
+
+def scale_failed(res):
+    return "error" in res or res.get("ok", 0) < res.get("n", 0) or bool(res.get("errors"))
+
+
+def run_scale(relays, steps, hold, notes):
+    """How far each relay goes: test_concurrent with each step's number of
+    tunnels (one round), interleaved between relays; a relay stops at its
+    first step with any failure.  -> {relay name: [result per step]}."""
+    out = {t.name: [] for t in relays}
+    active = [t for t in relays if t.available]
+    for n in steps:
+        for t in list(active):
+            if not t.alive():
+                notes.append(f"{t.name}: exited during the scale test (before {n} tunnels)")
+                t.fail(f"process exited (code {t.proc.poll()})")
+                active.remove(t)
+                continue
+            t0 = time.monotonic()
+            try:
+                res = test_concurrent(t, n, hold)
+            except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                res = {"error": f"{type(e).__name__}: {e}"}
+            res["n"] = n
+            res["elapsed"] = time.monotonic() - t0
+            out[t.name].append(res)
+            log(f"scale {n:6} {t.name:10} {_brief(res)}")
+            if scale_failed(res):
+                active.remove(t)
+    return out
+
+
+def print_scale(scale, steps, hold, nofile):
+    print(f"how far it goes: concurrent tunnels, each echoing 64 B once a second for {hold} s, "
+          "one round per step, a relay stops at its first step with a failure; "
+          f"fd limit {nofile[0]} (soft) / {nofile[1]} (hard)")
+    header = ["relay", "tunnels", "opened", "ok", "open s", "peak RSS MiB", "peak threads",
+              "peak procs", "client cores", "relay cores", "first errors"]
+    lines = []
+    for tname, rs in scale.items():
+        for r in rs:
+            errs = r.get("error") or "; ".join(f"{k} x{v}" for k, v in
+                                              list(r.get("errors", {}).items())[:2])
+            lines.append([tname, str(r["n"]), fmt(r.get("opened")), fmt(r.get("ok")),
+                          fmt(r.get("open_seconds")), fmt(r.get("rss_mib")),
+                          fmt(r.get("threads")), fmt(r.get("procs")),
+                          fmt(r.get("hold_client_cores")), fmt(r.get("hold_relay_cores")),
+                          errs[:110]])
+    if lines:
+        widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
+        out = []
+        for j, row in enumerate([header] + lines):
+            cells = [row[0].ljust(widths[0])]
+            cells += [row[i].rjust(widths[i]) for i in range(1, len(header) - 1)]
+            cells.append(row[-1])
+            out.append("  ".join(cells).rstrip())
+            if j == 0:
+                out.append("-" * len(out[0]))
+        print("\n".join(out))
+    for tname, rs in scale.items():
+        good = [r["n"] for r in rs if not scale_failed(r)]
+        bad = [r["n"] for r in rs if scale_failed(r)]
+        if not rs:
+            verdict = "not run"
+        elif bad:
+            verdict = (f"all ok up to {max(good)}" if good else "no step fully ok") + \
+                f"; first failure at {bad[0]}"
+        else:
+            verdict = f"all ok up to {max(good)}"
+            if max(good) < steps[-1]:
+                verdict += " (later steps not run)"
+        print(f"  {tname}: {verdict}")
+    print("  (client / relay cores: CPU used during the echo phase, per second; "
+          f"{os.cpu_count()} CPUs)")
 
 
 # --------------------------------------------------------------------- main
@@ -893,11 +1211,17 @@ def start_fakes(procs, args, work, cert, key):
             "--max-seconds", "7200"]
     logp = os.path.join(work, "fakes.log")
     p = procs.start("fakes", argv, logp, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    ready, _, _ = select.select([p.stdout], [], [], 20)
+    with selectors.DefaultSelector() as sel:  # epoll: no FD_SETSIZE limit
+        sel.register(p.stdout, selectors.EVENT_READ)
+        ready = sel.select(20)
     line = p.stdout.readline() if ready else b""
     if not line:
         raise RuntimeError(f"fake backends did not start:\n{tail(logp)}")
     return json.loads(line)
+
+
+STANDARD_TESTS = ("down", "up", "bidi", "rtt", "hs_seq", "hs_par", "conc")
+ALL_TESTS = STANDARD_TESTS + ("scale",)
 
 
 def parse_args():
@@ -915,6 +1239,14 @@ def parse_args():
     ap.add_argument("--rtt-iters", type=int, default=None,
                     help="64-byte round trips (default 2000; --quick: 300)")
     ap.add_argument("--quick", action="store_true", help="small smoke test, well under a minute")
+    ap.add_argument("--tests", metavar="NAME[,NAME...]",
+                    help="run only these tests: " + ", ".join(ALL_TESTS) + " (default: all "
+                         "but scale)")
+    ap.add_argument("--scale", action="store_true",
+                    help="also run the scale test (concurrent tunnels in steps, see "
+                         "--scale-steps)")
+    ap.add_argument("--scale-steps", metavar="N[,N...]", default="1000,2000,3000,5000",
+                    help="tunnel counts of the scale test (default: %(default)s)")
     ap.add_argument("--only", choices=("gateway", "websockify"), help="run one relay only")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--client-mask", choices=("auto", "c", "int"), default="auto",
@@ -927,6 +1259,24 @@ def parse_args():
                     "(default: a temporary directory, removed at the end)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the relays")
     args = ap.parse_args()
+    if args.tests:
+        names = [x.strip() for x in args.tests.split(",") if x.strip()]
+        bad = [x for x in names if x not in ALL_TESTS]
+        if bad or not names:
+            ap.error(f"--tests: unknown test(s) {', '.join(bad) or '(none given)'}; "
+                     f"known: {', '.join(ALL_TESTS)}")
+    else:
+        names = list(STANDARD_TESTS)
+    if args.scale:
+        names.append("scale")
+    args.tests = [x for x in ALL_TESTS if x in names]
+    try:
+        steps = sorted({int(x) for x in args.scale_steps.split(",") if x.strip()})
+    except ValueError:
+        steps = []
+    if not steps or steps[0] < 1:
+        ap.error("--scale-steps: positive integers separated by commas, e.g. 1000,2000,5000")
+    args.scale_steps = steps
     q = args.quick
     defaults = {"rounds": (3, 1), "size_mb": (256, 16), "concurrent": (1000, 200),
                 "hold": (5, 3), "rtt_iters": (2000, 300)}
@@ -948,6 +1298,12 @@ def run(args, procs, work):
     if not args.no_direct:
         targets.append(Direct("direct-tcp", ports["plain"], None))
         targets.append(Direct("direct-tls", ports["tls"], bl.client_context()))
+        if set(args.tests) & set(SocatTls.only):
+            socat = start_socat(procs, work, cert, key, ports["plain"])
+            if socat.available:
+                targets.append(socat)
+            else:
+                print(f"{socat.name}: NOT RUN: {socat.why}", flush=True)
     relays = []
     if args.only != "gateway":
         relays.append(start_websockify(procs, args, work, cert, key, ports["plain"]))
@@ -964,7 +1320,7 @@ def run(args, procs, work):
     targets += relays
     size = args.size_mb << 20
     tput_timeout = max(120.0, size / 2e6)
-    tests = [
+    all_tests = [
         ("down", lambda t: test_throughput(t, "down", size, tput_timeout), False),
         ("up", lambda t: test_throughput(t, "up", size, tput_timeout), False),
         ("bidi", lambda t: test_throughput(t, "bidi", size, tput_timeout), False),
@@ -973,12 +1329,17 @@ def run(args, procs, work):
         ("hs_par", lambda t: test_handshakes(t, 8, *args.hs_par), False),
         ("conc", lambda t: test_concurrent(t, args.concurrent, args.hold), True),
     ]
-    results = {name: {t.name: [] for t in targets} for name, _, _ in tests}
+    tests = [x for x in all_tests if x[0] in args.tests]
+    results = {name: {t.name: [] for t in targets
+                      if (t.relay or not relay_only) and name in getattr(t, "only", (name,))}
+               for name, _, relay_only in tests}
     t_start = time.monotonic()
     for rnd in range(args.rounds):
         for name, fn, relay_only in tests:
             for t in targets:
                 if relay_only and not t.relay:
+                    continue
+                if getattr(t, "only", None) and name not in t.only:
                     continue
                 if t.relay and t.available and not t.alive():
                     t.fail("process exited (code {}); log:\n{}".format(
@@ -998,6 +1359,14 @@ def run(args, procs, work):
                 res["other_cpu"] = other_cpu(busy0, machine_busy())
                 results[name][t.name].append(res)
                 log(f"round {rnd + 1} {name:6} {t.name:10} {_brief(res)}")
+    scale = {}
+    if "scale" in args.tests:
+        need = 2 * args.scale_steps[-1] + 100
+        if args.nofile[0] < need:
+            notes.append(f"RLIMIT_NOFILE is {args.nofile[0]} (hard {args.nofile[1]}): the "
+                         f"gateway needs about {need} descriptors for {args.scale_steps[-1]} "
+                         "tunnels (2 per tunnel); expect 'Too many open files' failures")
+        scale = run_scale(relays, args.scale_steps, args.hold, notes)
     elapsed = time.monotonic() - t_start
 
     med = {}
@@ -1009,19 +1378,34 @@ def run(args, procs, work):
     have = {t.name: any("error" not in r for rs in results.values() for r in rs.get(t.name, []))
             for t in relays}
     checks = evaluate(med, args.concurrent, have.get("gateway", False),
-                      have.get("websockify", False))
+                      have.get("websockify", False), {name for name, _, _ in tests})
 
     print()
-    print(f"flexvdi-gateway benchmark: {args.rounds} round(s), {args.size_mb} MiB per transfer, "
-          f"{args.concurrent} concurrent tunnels, medians; MB = 10^6 bytes; {elapsed:.0f} s")
+    if tests:
+        print(f"flexvdi-gateway benchmark: {args.rounds} round(s), {args.size_mb} MiB per "
+              f"transfer, {args.concurrent} concurrent tunnels, medians; MB = 10^6 bytes; "
+              f"{elapsed:.0f} s")
+    else:
+        print(f"flexvdi-gateway benchmark: scale test only; {elapsed:.0f} s")
+    print(f"tests: {', '.join(args.tests)}")
     print("client: raw RFC 6455 client over ssl (bench/benchlib.py), 64 KiB masked messages, "
           f"mask={bl.MASK_NAME}; {os.cpu_count()} CPUs; Python {platform.python_version()}; "
           f"{ssl.OPENSSL_VERSION}")
     print("websockify: defaults (one forked process per connection); CPU = process tree incl. "
           "reaped children (cutime/cstime)")
+    if tests:
+        print()
+        print_table(med, cols, checks, args.concurrent, args.hold)
     print()
-    print_table(med, cols, checks, args.concurrent, args.hold)
-    print()
+    if scale:
+        print_scale(scale, args.scale_steps, args.hold, args.nofile)
+        print()
+        for tname, rs in scale.items():
+            for r in rs:
+                if r.get("errors") and len(r["errors"]) > 2:
+                    notes.append(f"{tname} scale {r['n']}: failures {r['errors']}")
+                if r.get("relay_log"):
+                    notes.append(f"{tname} scale {r['n']}: relay log: {r['relay_log']}")
     for name, per_t in results.items():
         for tname, rounds in per_t.items():
             for i, r in enumerate(rounds):
@@ -1035,7 +1419,7 @@ def run(args, procs, work):
                 if mf > 65536:
                     notes.append(f"{tname} {name}: server frame of {mf} bytes (> 64 KiB)")
     for name in ("down", "up", "bidi"):
-        for tname, rounds in results[name].items():
+        for tname, rounds in results.get(name, {}).items():
             busy = [r["client_cpu_frac"] for r in rounds if r.get("client_cpu_frac", 0) > 0.9]
             if busy:
                 notes.append(f"{tname} {name}: client above 90% of a core in {len(busy)}/"
@@ -1048,16 +1432,18 @@ def run(args, procs, work):
         mean = sum(x[0] for x in runs) / total_wall
         long_runs = [(min(x[0] / x[1], os.cpu_count() or 1), x[2], x[3])
                      for x in runs if x[1] >= 2.0]
-        worst = max(long_runs) if long_runs else (mean, "", "")
-        if mean > 0.1 or worst[0] > 0.25:
-            notes.append(f"other processes on this machine used {mean:.2f} cores on average "
-                         f"(up to {worst[0]:.2f} during {worst[2]} {worst[1]}): the figures "
-                         "are noisier than on an idle machine")
+        worst = max(long_runs) if long_runs else None
+        if mean > 0.1 or (worst and worst[0] > 0.25):
+            upto = f" (up to {worst[0]:.2f} during {worst[2]} {worst[1]})" if worst else ""
+            notes.append(f"other processes on this machine used {mean:.2f} cores on average"
+                         f"{upto}: the figures are noisier than on an idle machine")
     cc = [r.get("client_cpu_frac") for n_ in ("down", "up", "bidi")
-          for rs in results[n_].values() for r in rs if r.get("client_cpu_frac") is not None]
+          for rs in results.get(n_, {}).values() for r in rs
+          if r.get("client_cpu_frac") is not None]
     if cc:
         notes.append(f"client CPU during throughput runs: max {100 * max(cc):.0f}% of a core "
                      "(flagged above 90%)")
+    notes += handshake_notes(results)
     rows = []
     if args.compare_clients:
         rows = compare_clients([t for t in relays if t.available], size, tput_timeout,
@@ -1086,22 +1472,54 @@ def run(args, procs, work):
                           for k, v in checks.items()},
                "client_comparison": [{"client": c, "target": t, "mode": m, **r}
                                      for c, t, m, r in rows],
+               "scale": scale,
                "notes": notes, "elapsed": elapsed}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)
         print(f"results written to {args.json}")
 
 
+def handshake_notes(results):
+    """Flag new-tunnel runs whose client may have been the limit: sequential
+    client above 90% of its one core; or client + relay CPU above 90% of all
+    the machine's cores (the machine was saturated)."""
+    ncpu = os.cpu_count() or 1
+    notes = []
+    for name in ("hs_seq", "hs_par"):
+        for tname, rounds in results.get(name, {}).items():
+            rs = [r for r in rounds if r.get("client_cpu_frac") is not None]
+            if not rs:
+                continue
+            if name == "hs_seq":
+                busy = [r["client_cpu_frac"] for r in rs if r["client_cpu_frac"] > 0.9]
+                if busy:
+                    notes.append(f"{tname} {name}: client above 90% of a core in {len(busy)}/"
+                                 f"{len(rounds)} round(s) (max {100 * max(busy):.0f}%): this "
+                                 "figure may be client-bound")
+            sat = [(r["client_cpu_frac"], r.get("relay_cpu_frac") or 0.0) for r in rs
+                   if r["client_cpu_frac"] + (r.get("relay_cpu_frac") or 0.0) > 0.9 * ncpu]
+            if sat:
+                c, rl = max(sat, key=sum)
+                notes.append(f"{tname} {name}: client {c:.2f} + relay {rl:.2f} cores = "
+                             f"{100 * (c + rl) / ncpu:.0f}% of the {ncpu} cores in {len(sat)}/"
+                             f"{len(rounds)} round(s): the machine was saturated, this figure "
+                             "may be client-bound")
+    return notes
+
+
 def _brief(res):
     if "error" in res:
         return "ERROR " + res["error"][:120]
-    keys = ("mbps", "relay_cpu_per_gib", "client_cpu_frac", "p50_us", "p99_us", "rate", "fail",
-            "relay_cpu_ms", "ok", "rss_mib", "threads", "procs")
+    keys = ("mbps", "relay_cpu_per_gib", "client_cpu_frac", "relay_cpu_frac", "p50_us",
+            "p99_us", "rate", "fail", "relay_cpu_ms", "opened", "ok", "rss_mib", "threads",
+            "procs")
     return " ".join(f"{k}={fmt(res[k])}" for k in keys if k in res and res[k] is not None)
 
 
 def main():
     args = parse_args()
+    # Before any process starts: the fakes and the relays inherit it.
+    args.nofile = raise_nofile()
     procs = Procs()
     work = args.workdir or tempfile.mkdtemp(prefix="flexvdi-bench-")
     os.makedirs(work, exist_ok=True)
