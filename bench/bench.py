@@ -655,6 +655,7 @@ def _hs_worker(spec, budget, go, end, out):
     res = {"ok": 0, "fail": 0, "errors": {}, "cpu": 0.0, "finish": None}
     try:
         bl.set_mask_impl(spec["mask"])
+        bl.RESUME = spec["resume"]
         ctx = bl.client_context() if spec["tls"] else None
         port, path = spec["port"], spec["path"]
         if path is None:
@@ -699,7 +700,7 @@ def _hs_processes(target, parallel, max_ops, max_seconds):
     # at fork time would leave it locked in the child), else spawn.
     method = "fork" if threading.active_count() == 1 else "spawn"
     mp = multiprocessing.get_context(method)
-    spec = dict(target.spec("echo"), mask=bl.MASK_NAME, parent=os.getpid())
+    spec = dict(target.spec("echo"), mask=bl.MASK_NAME, resume=bl.RESUME, parent=os.getpid())
     budget = mp.Value("l", max_ops)
     end = mp.Value("d", 0.0)
     go = mp.Event()
@@ -1249,6 +1250,9 @@ def parse_args():
                     help="tunnel counts of the scale test (default: %(default)s)")
     ap.add_argument("--only", choices=("gateway", "websockify"), help="run one relay only")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--resume", action="store_true",
+                    help="clients resume TLS sessions (each reuses the last ticket it got "
+                         "from the same port); default: a full handshake every time")
     ap.add_argument("--client-mask", choices=("auto", "c", "int"), default="auto",
                     help="client masking: c = websockets.speedups.apply_mask, int = Python "
                          "int.from_bytes XOR (default: c when available)")
@@ -1291,6 +1295,7 @@ def parse_args():
 
 def run(args, procs, work):
     bl.set_mask_impl(args.client_mask)
+    bl.RESUME = args.resume
     cert, key = make_cert(work)
     ports = start_fakes(procs, args, work, cert, key)
     log(f"fakes: manager on {ports['manager']}, backends {ports['plain']}")

@@ -204,6 +204,13 @@ class Decoder:
 
 # ------------------------------------------------------------ connections
 
+# TLS session resumption (bench --resume): the last session per port and context,
+# reused by the next connection to that port. A TLS 1.3 ticket arrives after the handshake,
+# so a connection's session is kept when it closes, after it carried data.
+RESUME = False
+_sessions = {}
+
+
 def client_context():
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -219,8 +226,9 @@ class Stream:
     ``SSLSocket`` makes; that keeps the client's own CPU cost low.
     """
 
-    def __init__(self, sock, tls_ctx=None, server_side=False, deadline=None):
+    def __init__(self, sock, tls_ctx=None, server_side=False, deadline=None, port=None):
         self.sock = sock
+        self.port = port
         self.obj = None
         self.eof = False
         self._out = None
@@ -230,8 +238,11 @@ class Stream:
         self._out = ssl.MemoryBIO()
         self._rbuf = bytearray(1 << 18)
         self._rmv = memoryview(self._rbuf)
+        session = _sessions.get((port, id(tls_ctx))) if RESUME and not server_side else None
+        self._ctx_id = id(tls_ctx)
         self.obj = tls_ctx.wrap_bio(self._in, self._out, server_side=server_side,
-                                    server_hostname=None if server_side else "127.0.0.1")
+                                    server_hostname=None if server_side else "127.0.0.1",
+                                    session=session)
         if deadline is None:
             deadline = time.monotonic() + 10.0
         while True:
@@ -305,6 +316,10 @@ class Stream:
             on_plain(self._rmv[:n])
 
     def close(self):
+        if RESUME and self.obj is not None and self.port is not None:
+            session = self.obj.session
+            if session is not None and session.has_ticket:
+                _sessions[(self.port, self._ctx_id)] = session
         try:
             self.sock.close()
         except OSError:
@@ -448,7 +463,7 @@ def _connect(port, tls_ctx, timeout):
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return Stream(sock, tls_ctx, deadline=deadline)
+        return Stream(sock, tls_ctx, deadline=deadline, port=port)
     except BaseException:
         sock.close()
         raise
