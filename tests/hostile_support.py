@@ -539,11 +539,21 @@ class TcpProxy:
             if not data:
                 self._shutdown(sink, socket.SHUT_WR)
                 return
-            try:
-                sink.sendall(data)
-            except OSError:
-                self._shutdown(source, socket.SHUT_RDWR)
-                return
+            # Both sockets carry a 0.2 s timeout (each is the other pump's source): a
+            # slow reader must make us wait, not look like a reset (sendall would
+            # raise and lose count of what it sent).
+            view = memoryview(data)
+            while view.nbytes and not stop.is_set():
+                if self.frozen.is_set():
+                    stop.wait(0.2)
+                    continue
+                try:
+                    view = view[sink.send(view):]
+                except socket.timeout:
+                    continue
+                except OSError:
+                    self._shutdown(source, socket.SHUT_RDWR)
+                    return
 
     @staticmethod
     def _shutdown(sock, how):
