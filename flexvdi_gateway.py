@@ -1106,6 +1106,9 @@ class TlsConnection:
     def handshake(self, deadline: float) -> None:
         """Within an absolute deadline: a client dripping its hello byte by byte
         must not restart a per-read clock."""
+        # The client speaks first (its hello is usually here already), and again only
+        # after our flight: then wait in poll() rather than try a read that fails.
+        self._fill(deadline)
         while True:
             try:
                 self._obj.do_handshake()
@@ -1113,7 +1116,7 @@ class TlsConnection:
                 return
             except ssl.SSLWantReadError:
                 self._flush_until(deadline)
-                self._fill(deadline)
+                self._fill(deadline, poll_first=True)
             except ssl.SSLError:
                 # An alert for the client (protocol version, handshake failure):
                 # send it before giving up, as SSLSocket would.
@@ -1128,12 +1131,14 @@ class TlsConnection:
         on a non-blocking connection; socket.timeout after the set timeout."""
         deadline = None if not self._timeout else time.monotonic() + self._timeout
         while True:
-            try:
-                return self._obj.read(size)
-            except ssl.SSLWantReadError:
-                pass
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""   # close_notify, or EOF without it: both the end
+            # Nothing buffered: straight to the kernel, without a read that fails.
+            if self._obj.pending() or self._incoming.pending or self._incoming.eof:
+                try:
+                    return self._obj.read(size)
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return b""   # close_notify, or EOF without it: both the end
             if self._timeout == 0:
                 if not self._fill(None):
                     raise ssl.SSLWantReadError("no TLS data ready")
@@ -1176,10 +1181,13 @@ class TlsConnection:
                     self.raw, select.POLLOUT, remaining):
                 raise socket.timeout("TLS data not accepted in time")
 
-    def _fill(self, deadline: float | None) -> bool:
+    def _fill(self, deadline: float | None, poll_first: bool = False) -> bool:
         """One raw read into the TLS layer; False if nothing was ready (no wait)."""
         while True:
             try:
+                if poll_first:
+                    poll_first = False
+                    raise BlockingIOError
                 data = self.raw.recv(self.RECV_BYTES)
             except (BlockingIOError, InterruptedError):
                 if deadline is None and self._timeout == 0:
@@ -2153,6 +2161,8 @@ class Tunnel:
                     with self._tls_lock:
                         if view.nbytes:
                             sent = self.client_sock.send(view)
+                            if sent == view.nbytes and (tls is None or not tls.unsent):
+                                return True
                         elif tls is None or tls.flush():
                             return True   # all of it is with the kernel
                         else:
