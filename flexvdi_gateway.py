@@ -20,10 +20,9 @@ Thread model (every thread is named, so ``py-spy dump`` reads like this list):
                   ManagerTimeout (a socket timeout alone bounds each read only).
   stop-tunnel     at SIGTERM only: one per tunnel, sends Close 1001 in parallel.
 A tunnel therefore costs two threads. Both wait in ``select.poll`` and then do a
-non-blocking read or write. TLS runs in memory (``TlsConnection``: an ssl.SSLObject
-between memory BIOs and the raw socket). OpenSSL objects are not thread-safe, so every
-call on a tunnel's TLS connection happens under that tunnel's lock, and the lock is
-never held while waiting.
+non-blocking read or write. OpenSSL objects are not thread-safe, so every call on a
+tunnel's TLS socket happens under that tunnel's lock, and the lock is never held
+while waiting.
 
 Shared state (tokens, the LDAP cache, the open tunnels, the TLS context) lives in
 one ``Gateway`` object, each piece behind its own lock. Everything that belongs to
@@ -1031,7 +1030,8 @@ def serve_connection(gateway: Gateway, raw: socket.socket, peer: tuple, tls: boo
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls:
-            sock = TlsConnection(raw, gateway.tls_context)
+            sock = gateway.tls_context.wrap_socket(raw, server_side=True,
+                                                   do_handshake_on_connect=False)
             try:
                 tls_handshake(sock, deadline)
             except (ssl.SSLEOFError, ConnectionError) as exc:
@@ -1053,162 +1053,24 @@ def serve_connection(gateway: Gateway, raw: socket.socket, peer: tuple, tls: boo
         log.debug("%s: connection closed after %.1f s", client, time.monotonic() - started)
 
 
-class TlsConnection:
-    """The server side of one TLS connection, through memory BIOs (ssl.SSLObject).
+def tls_handshake(sock: ssl.SSLSocket, deadline: float) -> None:
+    """The server side of the TLS handshake, within an absolute deadline.
 
-    Why not ssl.SSLSocket: it reads every TLS record with two system calls (its
-    header, then its body) and writes every 16 KiB record with a send of its own.
-    Here one recv takes in whatever the kernel holds (many records) and one send
-    puts out everything encrypted so far (a batch of frames). The raw socket is
-    always non-blocking; a timeout set with settimeout() is waited for in poll().
-
-    Not thread-safe: the tunnel serialises calls with its TLS lock. send() never
-    blocks once the data is encrypted: what the kernel did not take waits in
-    `unsent` and goes out first on the next send() or flush().
+    A blocking handshake with a socket timeout would restart the clock on every
+    read, so a client dripping its hello byte by byte could hold it far longer.
     """
-
-    RECV_BYTES = 256 * 1024   # one raw read: up to 16 TLS records
-
-    def __init__(self, raw: socket.socket, context: ssl.SSLContext):
-        self.raw = raw
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._obj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._unsent: bytes | memoryview = b""
-        self._timeout: float | None = None
-        raw.setblocking(False)
-
-    # -- socket-like surface used by Stream, serve_connection and Tunnel -------------
-
-    def fileno(self) -> int:
-        return self.raw.fileno()
-
-    def getsockname(self):
-        return self.raw.getsockname()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._timeout = timeout
-
-    def setblocking(self, flag: bool) -> None:
-        self._timeout = None if flag else 0.0
-
-    def close(self) -> None:
-        self.raw.close()
-
-    @property
-    def unsent(self) -> int:
-        return len(self._unsent) + self._outgoing.pending
-
-    def pending(self) -> int:
-        """Bytes that may be readable without the kernel (decrypted or not yet)."""
-        return self._obj.pending() + self._incoming.pending
-
-    def handshake(self, deadline: float) -> None:
-        """Within an absolute deadline: a client dripping its hello byte by byte
-        must not restart a per-read clock."""
-        # The client speaks first (its hello is usually here already), and again only
-        # after our flight: then wait in poll() rather than try a read that fails.
-        self._fill(deadline)
-        while True:
-            try:
-                self._obj.do_handshake()
-                self._flush_until(deadline)
-                return
-            except ssl.SSLWantReadError:
-                self._flush_until(deadline)
-                self._fill(deadline, poll_first=True)
-            except ssl.SSLError:
-                # An alert for the client (protocol version, handshake failure):
-                # send it before giving up, as SSLSocket would.
-                try:
-                    self.flush()
-                except OSError:
-                    pass
-                raise
-
-    def recv(self, size: int) -> bytes:
-        """Decrypted bytes (b"" at the end); ssl.SSLWantReadError when none are ready
-        on a non-blocking connection; socket.timeout after the set timeout."""
-        deadline = None if not self._timeout else time.monotonic() + self._timeout
-        while True:
-            # Nothing buffered: straight to the kernel, without a read that fails.
-            if self._obj.pending() or self._incoming.pending or self._incoming.eof:
-                try:
-                    return self._obj.read(size)
-                except ssl.SSLWantReadError:
-                    pass
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return b""   # close_notify, or EOF without it: both the end
-            if self._timeout == 0:
-                if not self._fill(None):
-                    raise ssl.SSLWantReadError("no TLS data ready")
-            else:
-                self._fill(deadline)
-
-    def send(self, data) -> int:
-        """Encrypts all of `data` and sends what the kernel takes; the rest waits in
-        `unsent`. Raises ssl.SSLWantWriteError, taking nothing, while older bytes wait."""
-        if self.unsent and not self.flush():
-            raise ssl.SSLWantWriteError("earlier TLS data not sent yet")
-        self._obj.write(data)
-        self.flush()
-        return len(data)
-
-    def sendall(self, data) -> None:
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        self._obj.write(data)
-        self._flush_until(deadline)
-
-    def flush(self) -> bool:
-        """Sends what is encrypted; True when nothing is left unsent."""
-        if self._outgoing.pending:
-            fresh = self._outgoing.read()
-            self._unsent = bytes(self._unsent) + fresh if self._unsent else memoryview(fresh)
-        while self._unsent:
-            try:
-                sent = self.raw.send(self._unsent)
-            except (BlockingIOError, InterruptedError):
-                return False
-            self._unsent = self._unsent[sent:]   # a view: no copy of the rest
-        return True
-
-    # -- internals --------------------------------------------------------------------
-
-    def _flush_until(self, deadline: float | None) -> None:
-        while not self.flush():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0 or not _wait(
-                    self.raw, select.POLLOUT, remaining):
-                raise socket.timeout("TLS data not accepted in time")
-
-    def _fill(self, deadline: float | None, poll_first: bool = False) -> bool:
-        """One raw read into the TLS layer; False if nothing was ready (no wait)."""
-        while True:
-            try:
-                if poll_first:
-                    poll_first = False
-                    raise BlockingIOError
-                data = self.raw.recv(self.RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
-                if deadline is None and self._timeout == 0:
-                    return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0 or not _wait(
-                        self.raw, select.POLLIN, remaining):
-                    raise socket.timeout("timed out") from None
-                continue
-            if data:
-                self._incoming.write(data)
-            else:
-                self._incoming.write_eof()
-            return True
-
-
-def tls_handshake(sock: TlsConnection, deadline: float) -> None:
-    try:
-        sock.handshake(deadline)
-    except socket.timeout:
-        raise ClientTimeout("TLS handshake not completed in time") from None
+    sock.setblocking(False)
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not _wait(sock, events, remaining):
+            raise ClientTimeout("TLS handshake not completed in time")
 
 
 def _serve_requests(gateway: Gateway, stream: Stream, client: str, tls: bool,
@@ -2072,11 +1934,11 @@ def serve_tunnel(gateway: Gateway, stream: Stream, request: Request, client: str
             desktop_sock.close()
 
 
-def _hard_shutdown(sock) -> None:
-    # The TCP connection itself, never the TLS layer: that one may be in use by the
-    # other thread of the tunnel.
+def _hard_shutdown(sock: socket.socket) -> None:
+    # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the TLS
+    # object under the feet of the thread that may be using it.
     try:
-        getattr(sock, "raw", sock).shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
@@ -2122,8 +1984,7 @@ class Tunnel:
         self._reason: str | None = None
         self._ended = False
         self._close_sent_at: float | None = None
-        self._tls = client_sock if isinstance(client_sock, TlsConnection) else None
-        self._pending = self._tls.pending if self._tls else None
+        self._pending = getattr(client_sock, "pending", None)
 
     # -- shared by both relay threads ------------------------------------------------
 
@@ -2153,20 +2014,12 @@ class Tunnel:
             return False
         try:
             view = memoryview(data)
-            tls = self._tls
-            while True:
+            while view.nbytes:
                 if self._ended:
                     return False
                 try:
                     with self._tls_lock:
-                        if view.nbytes:
-                            sent = self.client_sock.send(view)
-                            if sent == view.nbytes and (tls is None or not tls.unsent):
-                                return True
-                        elif tls is None or tls.flush():
-                            return True   # all of it is with the kernel
-                        else:
-                            sent = 0
+                        sent = self.client_sock.send(view)
                 except _WOULD_BLOCK:
                     sent = 0
                 except OSError as exc:
@@ -2179,6 +2032,7 @@ class Tunnel:
                 if timeout <= 0:
                     return False
                 _wait(self.client_sock, select.POLLOUT, timeout)
+            return True
         finally:
             self._send_lock.release()
 
