@@ -2287,8 +2287,7 @@ class Tunnel:
                 header = frame_header(OP_BINARY, size)
                 start = 10 - len(header)
                 buf[start:10] = header
-                frame_end, total, size, error = self._gather_frames(buf, view, 10 + size, size,
-                                                                    limit)
+                frame_end, total, size, error = self._gather_frames(buf, view, size, limit)
                 frame = view[start:frame_end]
             if not self.send_to_client(frame):
                 return
@@ -2303,9 +2302,9 @@ class Tunnel:
                 buf = bytearray(10 + (limit if capacity < limit else batch_bytes))
                 view = memoryview(buf)
 
-    def _gather_frames(self, buf: bytearray, view: memoryview, end: int, size: int,
-                       limit: int):
-        """Appends more whole frames after the first while the desktop has them ready.
+    def _gather_frames(self, buf: bytearray, view: memoryview, size: int, limit: int):
+        """Appends more whole frames after the first (its payload at buf[10:10 + size])
+        while the desktop has them ready.
 
         A desktop that filled a whole frame most likely has more waiting (a video
         stream, a file copy): one TLS write of up to DOWN_BATCH_FRAMES frames costs
@@ -2313,6 +2312,7 @@ class Tunnel:
         stay within MAX_SEND_PAYLOAD each. Returns (end of the frames, payload bytes,
         size of the last read, desktop error to act on after sending what arrived).
         """
+        end = 10 + size
         total = size
         while size == limit and end + 4 + limit <= len(buf):
             try:

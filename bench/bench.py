@@ -255,6 +255,7 @@ class Target:
     relay = False
     available = True
     why = ""
+    only = None   # the tests this target takes part in (None: all)
 
     def __init__(self, name):
         self.name = name
@@ -269,6 +270,10 @@ class Target:
 
     def alive(self):
         return self.available
+
+    def fail(self, why):
+        self.available = False
+        self.why = why
 
     def settle(self, timeout=5.0):
         pass
@@ -345,10 +350,6 @@ class Relay(Target):
 
     def cpu(self):
         return tree_cpu(self.pid)
-
-    def fail(self, why):
-        self.available = False
-        self.why = why
 
 
 def free_port():
@@ -438,10 +439,6 @@ class SocatTls(Target):
 
     def cpu(self):
         return sum(tree_cpu(p.pid) for p in self.procs)
-
-    def fail(self, why):
-        self.available = False
-        self.why = why
 
 
 def start_socat(procs, work, cert, key, backends):
@@ -1336,7 +1333,7 @@ def run(args, procs, work):
     ]
     tests = [x for x in all_tests if x[0] in args.tests]
     results = {name: {t.name: [] for t in targets
-                      if (t.relay or not relay_only) and name in getattr(t, "only", (name,))}
+                      if (t.relay or not relay_only) and (t.only is None or name in t.only)}
                for name, _, relay_only in tests}
     t_start = time.monotonic()
     for rnd in range(args.rounds):
@@ -1344,7 +1341,7 @@ def run(args, procs, work):
             for t in targets:
                 if relay_only and not t.relay:
                     continue
-                if getattr(t, "only", None) and name not in t.only:
+                if t.only is not None and name not in t.only:
                     continue
                 if t.relay and t.available and not t.alive():
                     t.fail("process exited (code {}); log:\n{}".format(

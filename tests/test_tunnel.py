@@ -203,7 +203,7 @@ def test_gathered_frames_are_whole_minimal_and_in_order(waiting, eof, expected_f
         header = gw.frame_header(gw.OP_BINARY, LIMIT)
         buf[10 - len(header):10] = header
         buf[10:10 + LIMIT] = first
-        end, total, last, error = tunnel._gather_frames(buf, view, 10 + LIMIT, LIMIT, LIMIT)
+        end, total, last, error = tunnel._gather_frames(buf, view, LIMIT, LIMIT)
         assert error is None
         protocol = FrameProtocol(client=True, extensions=[])
         protocol.receive_bytes(bytes(buf[10 - len(header):end]))
