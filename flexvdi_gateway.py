@@ -10,7 +10,8 @@ Clients on the internet reach only this process. It
 The wire contract is PROTOCOL.md; this module follows it section by section.
 
 Thread model (every thread is named, so ``py-spy dump`` reads like this list):
-  MainThread      command line, log handlers, signals, waits for SIGTERM/SIGHUP.
+  MainThread      command line, log handlers; waits for signals on a self-pipe
+                  (SIGTERM/SIGINT stop, SIGHUP reloads the certificate).
   listener-tls    accept loop of the TLS port; never reads from a client, so a
   listener-plain  client that connects and says nothing blocks nobody.
   conn-N          one per accepted connection: TLS handshake, HTTP requests with
@@ -18,11 +19,13 @@ Thread model (every thread is named, so ``py-spy dump`` reads like this list):
   conn-N-down     the desktop -> client relay of a tunnel.
   conn-N-manager-deadline  a timer per /vdi/ request that cuts a manager off at
                   ManagerTimeout (a socket timeout alone bounds each read only).
-  stop-tunnel     at SIGTERM only: one per tunnel, sends Close 1001 in parallel.
 A tunnel therefore costs two threads. Both wait in ``select.poll`` and then do a
 non-blocking read or write. OpenSSL objects are not thread-safe, so every call on a
 tunnel's TLS socket happens under that tunnel's lock, and the lock is never held
-while waiting.
+while waiting. Everything bound for the client goes through the tunnel's
+ClientWriter: a frame once started is finished before any other byte (over TLS an
+abandoned write corrupts the next one), control frames go between data frames, and
+every wait on the client has a deadline (ClientStallTimeout).
 
 Shared state (tokens, the LDAP cache, the open tunnels, the TLS context) lives in
 one ``Gateway`` object, each piece behind its own lock. Everything that belongs to
@@ -36,7 +39,9 @@ import base64
 import binascii
 import collections
 import dataclasses
+import enum
 import errno
+import fcntl
 import hashlib
 import http
 import http.client
@@ -45,6 +50,7 @@ import json
 import logging
 import logging.handlers
 import math
+import mmap
 import os
 import re
 import secrets
@@ -57,9 +63,18 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
+
+# Optional packages, each with what it adds:
+try:
+    # C unmasking from `websockets` (no dependencies of its own): the pure-Python
+    # unmask below costs about a CPU second per GiB uploaded (bench/README.md).
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:   # pragma: no cover - the fallback is tested directly
+    _apply_mask = None
 
 __version__ = "1.0.0"
 
@@ -135,6 +150,9 @@ class Config:
     ldap_ca_file: str = _key(
         "LDAPCAFile", "", "verify the directory's certificate against this CA file; empty = no check")
     ldap_timeout_s: float = _key("LDAPTimeout", 5, "seconds for each directory operation")
+    client_stall_timeout_s: float = _key(
+        "ClientStallTimeout", 60, "seconds a client may accept no byte the gateway has for it "
+        "(data, Pong, Close) before its tunnel ends")
 
     @property
     def manager(self) -> tuple[str, int] | None:
@@ -150,7 +168,8 @@ CONFIG_FIELDS = {f.metadata["key"].lower(): f for f in dataclasses.fields(Config
 # Fields whose value must be a TCP port; 0 is allowed only where it means "off".
 _PORT_FIELDS = {"ssl_port": 1, "first_spice_port": 1, "last_spice_port": 1,
                 "ldap_port": 1, "plain_port": 0}
-_POSITIVE_FIELDS = ("pong_timeout_s", "token_timeout_s", "manager_timeout_s", "ldap_timeout_s")
+_POSITIVE_FIELDS = ("pong_timeout_s", "token_timeout_s", "manager_timeout_s", "ldap_timeout_s",
+                    "client_stall_timeout_s")
 _NON_NEGATIVE_FIELDS = ("keepalive_s", "ldap_cache_s")
 
 
@@ -474,6 +493,7 @@ KEEPALIVE_IDLE_S = 60        # an idle keep-alive connection is closed after thi
 BODY_TIMEOUT_S = 30          # one read of a request body may take this long
 WRITE_TIMEOUT_S = 30         # one HTTP answer must be accepted by the client within this
 ACCEPT_BACKOFF_S = 0.25      # pause of the accept loop when out of file descriptors
+STOP_TIMEOUT_S = 4.0         # SIGTERM: exit within 5 s, a second left for the exit itself
 THREAD_STACK_BYTES = 512 * 1024  # relay threads need little; 2 per tunnel adds up
 # Every thread waiting for the GIL wakes up once per switch interval (CPython's
 # take_gil). With thousands of tunnels, the default 5 ms made those wake-ups alone
@@ -575,21 +595,17 @@ class Gateway:
             self._context = context
 
     def stop_tunnels(self, timeout_s: float) -> int:
-        """Sends Close 1001 to every tunnel and waits for them to end."""
+        """Has every tunnel send Close 1001 and waits (at most timeout_s) for them to end.
+        Tunnel.stop() does not wait, so thousands of tunnels stop in parallel."""
         with self._tunnels_lock:
             tunnels = list(self._tunnels)
-        stoppers = [threading.Thread(target=t.stop, args=(1001, "gateway stopping"),
-                                     name="stop-tunnel", daemon=True) for t in tunnels]
-        for thread in stoppers:
-            thread.start()
+        for tunnel in tunnels:
+            tunnel.stop(CloseReason.GOING_AWAY, "gateway stopping")
         deadline = time.monotonic() + timeout_s
-        for thread in stoppers:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        while time.monotonic() < deadline:
-            with self._tunnels_lock:
-                if not self._tunnels:
-                    break
-            time.sleep(0.05)   # polling the tunnel set with a deadline, at shutdown only
+        while self.open_tunnels and time.monotonic() < deadline:
+            # Polled, not notified: a wake-up per closing tunnel, each waiting for the
+            # GIL behind thousands of closing threads, made the stop take 19 s.
+            time.sleep(0.05)
         return len(tunnels)
 
     # -- called by connection threads ------------------------------------------------
@@ -1358,11 +1374,30 @@ def render_desktop_answer(answer: dict[str, Any], host: str, token: str) -> byte
 MAX_TOKENS = 100_000
 
 
+class ClientLife:
+    """When the client holding a token was last heard from, on any of its tunnels.
+
+    All tunnels of a token belong to one client process (its Spice channels), so a
+    frame on any of them is a sign of life for all: an idle channel whose own Pong
+    is late behind a stalled network is not cut while the client talks on another.
+    A client that really vanishes goes silent on every channel at once.
+    """
+    __slots__ = ("heard_at",)
+
+    def __init__(self) -> None:
+        self.heard_at = 0.0   # time.monotonic(); a plain float: one writer at a time wins
+
+
+class TokenGrant(NamedTuple):
+    desktop: tuple[str, int]
+    life: ClientLife
+
+
 class _TokenEntry:
-    __slots__ = ("desktop", "idle_since", "tunnels")
+    __slots__ = ("grant", "idle_since", "tunnels")
 
     def __init__(self, desktop: tuple[str, int], now: float):
-        self.desktop = desktop
+        self.grant = TokenGrant(desktop, ClientLife())
         self.tunnels = 0
         self.idle_since = now
 
@@ -1395,7 +1430,7 @@ class TokenRegistry:
             self._entries[token] = _TokenEntry(desktop, now)
         return token
 
-    def acquire(self, token: str) -> tuple[str, int] | None:
+    def acquire(self, token: str) -> TokenGrant | None:
         """The desktop of a valid token, counting one more open tunnel; else None."""
         now = self._clock()
         with self._lock:
@@ -1407,7 +1442,7 @@ class TokenRegistry:
                 return None
             entry.tunnels += 1
             self._entries.move_to_end(token)
-            return entry.desktop
+            return entry.grant
 
     def release(self, token: str) -> None:
         with self._lock:
@@ -1607,7 +1642,7 @@ def _ldap_error(exc: Exception) -> str:
 
 
 # =====================================================================================
-# Tunnels: WebSocket handshake, framing (RFC 6455) and the relay
+# Tunnels, part 1: WebSocket handshake and framing (RFC 6455), pure functions
 # =====================================================================================
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -1615,23 +1650,38 @@ MAX_CLIENT_FRAME = 1024 * 1024   # a larger client frame is closed with 1009
 # The native client (libsoup) drops the session on a frame of 128 KiB or more; we
 # keep every whole frame, header included, within 64 KiB.
 MAX_SEND_PAYLOAD = 65536 - 16
-DESKTOP_CONNECT_TIMEOUT_S = 10
-CLOSE_LINGER_S = 2        # after our Close, how long we wait for the client's
-GRACE_S = 3               # one side gone, the other frozen: end after this
-LOCK_WAIT_S = 1.0         # control frames give up waiting for the writer after this
-CLIENT_READ_BYTES = 256 * 1024   # decrypted bytes read before decoding them
-SMALL_READ_BYTES = 4096          # first desktop read buffer of a tunnel
-DOWN_BATCH_FRAMES = 4            # full frames from a streaming desktop per TLS write
+PING_PAYLOAD = b"flexvdi"
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
-_KNOWN_OPCODES = frozenset((0, 1, 2, 8, 9, 10))
+
+class Opcode(enum.IntEnum):
+    """RFC 6455 5.2; the names are wsproto's."""
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+class CloseReason(enum.IntEnum):
+    """The Close codes the gateway sends (RFC 6455 7.4.1); the names are wsproto's."""
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_FRAME_PAYLOAD_DATA = 1007
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+
+
+_KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
 _BASE64_TEXT = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 
 class ProtocolViolation(Exception):
     """The client broke RFC 6455 inside a tunnel; `code` is the Close code to send."""
 
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: CloseReason, message: str):
         super().__init__(message)
         self.code = code
 
@@ -1675,7 +1725,7 @@ def client_version(params: dict[str, str]) -> int:
     return int(value) if value.isascii() and value.isdigit() and len(value) < 6 else 1
 
 
-def frame_header(opcode: int, length: int) -> bytes:
+def frame_header(opcode: Opcode, length: int) -> bytes:
     """Header of an unmasked, final server frame."""
     if length < 126:
         return struct.pack("!BB", 0x80 | opcode, length)
@@ -1684,23 +1734,15 @@ def frame_header(opcode: int, length: int) -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, length)
 
 
-def encode_frame(opcode: int, payload: bytes = b"") -> bytes:
+def encode_frame(opcode: Opcode, payload: bytes = b"") -> bytes:
     return frame_header(opcode, len(payload)) + payload
 
 
 def close_frame(code: int | None, reason: str = "") -> bytes:
     if code is None:
-        return encode_frame(OP_CLOSE)
-    return encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:120])
+        return encode_frame(Opcode.CLOSE)
+    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode()[:120])
 
-
-try:
-    # Optional C speed-up from the `websockets` package (no dependencies of its own):
-    # measured here, 64 KiB unmasked at about 30 GB/s against 0.9 GB/s for the pure
-    # Python way below, which alone cost about 1.2 CPU seconds per GiB of upload.
-    from websockets.speedups import apply_mask as _apply_mask
-except ImportError:   # pragma: no cover - the fallback is tested directly
-    _apply_mask = None
 
 _XOR_TABLES = [bytes(value ^ key for value in range(256)) for key in range(256)]
 
@@ -1732,19 +1774,29 @@ def parse_close_payload(payload: bytes) -> tuple[int | None, str]:
     if not payload:
         return None, ""
     if len(payload) == 1:
-        raise ProtocolViolation(1002, "close frame with a 1-byte payload")
+        raise ProtocolViolation(CloseReason.PROTOCOL_ERROR, "close frame with a 1-byte payload")
     code = struct.unpack("!H", payload[:2])[0]
     if not valid_close_code(code):
-        raise ProtocolViolation(1002, f"close code {code} may not be sent")
+        raise ProtocolViolation(CloseReason.PROTOCOL_ERROR, f"close code {code} may not be sent")
     try:
         reason = payload[2:].decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolViolation(1007, "close reason is not UTF-8") from None
+        raise ProtocolViolation(CloseReason.INVALID_FRAME_PAYLOAD_DATA,
+                                "close reason is not UTF-8") from None
     return code, reason
 
 
-def parse_frame_header(buf, pos: int = 0):
-    """(fin, opcode, length, mask, header size), None if incomplete, or raises.
+class FrameHeader(NamedTuple):
+    """What a client frame's header says (RFC 6455 5.2)."""
+    fin: bool
+    opcode: Opcode
+    length: int      # of the payload
+    mask: bytes
+    size: int        # of the header itself
+
+
+def parse_frame_header(buf, pos: int = 0) -> FrameHeader | None:
+    """The client frame header at `pos`, None if incomplete, or raises.
 
     Checks what the first two bytes tell as soon as they arrive, so a bad frame is
     refused before its payload is waited for.
@@ -1755,14 +1807,16 @@ def parse_frame_header(buf, pos: int = 0):
     first, second = buf[pos], buf[pos + 1]
     fin, opcode = bool(first & 0x80), first & 0x0F
     if first & 0x70:
-        raise ProtocolViolation(1002, "reserved bits set, no extension was negotiated")
+        raise ProtocolViolation(CloseReason.PROTOCOL_ERROR,
+                                "reserved bits set, no extension was negotiated")
     if opcode not in _KNOWN_OPCODES:
-        raise ProtocolViolation(1002, f"unknown opcode {opcode}")
+        raise ProtocolViolation(CloseReason.PROTOCOL_ERROR, f"unknown opcode {opcode}")
     if not second & 0x80:
-        raise ProtocolViolation(1002, "unmasked client frame")
+        raise ProtocolViolation(CloseReason.PROTOCOL_ERROR, "unmasked client frame")
     length = second & 0x7F
-    if opcode >= 8 and (not fin or length > 125):
-        raise ProtocolViolation(1002, "fragmented or oversized control frame")
+    if opcode >= Opcode.CLOSE and (not fin or length > 125):
+        raise ProtocolViolation(CloseReason.PROTOCOL_ERROR,
+                                "fragmented or oversized control frame")
     size = 6
     if length == 126:
         size = 8
@@ -1775,35 +1829,54 @@ def parse_frame_header(buf, pos: int = 0):
             return None
         length = struct.unpack_from("!Q", buf, pos + 2)[0]
         if length >> 63:
-            raise ProtocolViolation(1002, "frame length with the top bit set")
+            raise ProtocolViolation(CloseReason.PROTOCOL_ERROR,
+                                    "frame length with the top bit set")
     if length > MAX_CLIENT_FRAME:
-        raise ProtocolViolation(1009, f"client frame of {length} bytes, over 1 MiB")
+        raise ProtocolViolation(CloseReason.MESSAGE_TOO_BIG,
+                                f"client frame of {length} bytes, over 1 MiB")
     if available < size:
         return None
-    return fin, opcode, length, bytes(buf[pos + size - 4:pos + size]), size
+    return FrameHeader(fin, Opcode(opcode), length, bytes(buf[pos + size - 4:pos + size]), size)
+
+
+class EventKind(enum.Enum):
+    DATA = "data"     # binary payload, passed on as it arrives
+    PING = "ping"
+    PONG = "pong"
+    CLOSE = "close"   # the client's Close: `code` (or None) and `reason`
+    ERROR = "error"   # the client broke the protocol: `code` to answer, `reason` what
+
+
+class Event(NamedTuple):
+    """One thing the decoder found in the client's bytes."""
+    kind: EventKind
+    payload: bytes = b""
+    code: int | None = None
+    reason: str = ""
 
 
 class FrameDecoder:
     """Incremental decoder of client frames; pure, no I/O.
 
-    feed() returns events in order: ("data", bytes) as binary payload arrives
-    (fragments and partial frames are passed on at once, never buffered whole),
-    ("ping", payload), ("pong", payload), ("close", code, reason), and last, if the
-    client broke the protocol, ("error", close code, message).
+    feed() returns Events in order: DATA as binary payload arrives (fragments and
+    partial frames are passed on at once, never buffered whole), PING, PONG, CLOSE,
+    and last, if the client broke the protocol, ERROR (nothing is decoded after it).
     """
 
     def __init__(self, base64_text: bool = False):
         self._base64 = base64_text
         self._buf = bytearray()
-        self._frame: list | None = None   # [opcode, fin, mask, remaining, mask offset]
-        self._message: int | None = None  # OP_TEXT/OP_BINARY of the message in progress
+        self._frame: FrameHeader | None = None   # the frame whose payload is arriving
+        self._remaining = 0          # of its payload
+        self._mask_offset = 0        # mask byte its next payload byte takes
+        self._message: Opcode | None = None   # TEXT or BINARY: the message in progress
         self._control = bytearray()
         self._text = bytearray()
         self.failed = False
 
-    def feed(self, data) -> list:
+    def feed(self, data) -> list[Event]:
         """Decodes what arrived; `data` may be a view of a buffer the caller reuses."""
-        events: list = []
+        events: list[Event] = []
         if self.failed:
             return events
         if self._buf:   # a header split across reads: join it with what follows
@@ -1815,72 +1888,78 @@ class FrameDecoder:
         pos = 0
         try:
             while True:
-                if self._frame is None:
-                    parsed = parse_frame_header(view, pos)
-                    if parsed is None:
+                frame = self._frame
+                if frame is None:
+                    header = parse_frame_header(view, pos)
+                    if header is None:
                         break
-                    fin, opcode, length, mask, size = parsed
-                    pos += size
-                    self._start_frame(fin, opcode, length, mask)
-                    if length == 0:
+                    pos += header.size
+                    self._start_frame(header)
+                    if header.length == 0:
                         self._finish_frame(events)
                     continue
-                frame = self._frame
-                take = min(frame[3], end - pos)
+                take = min(self._remaining, end - pos)
                 if take == 0:
                     break
-                chunk = unmask(view[pos:pos + take], frame[2], frame[4])
+                chunk = unmask(view[pos:pos + take], frame.mask, self._mask_offset)
                 pos += take
-                frame[3] -= take
-                frame[4] = (frame[4] + take) & 3
-                self._payload(frame[0], chunk, events)
-                if frame[3] == 0:
+                self._remaining -= take
+                self._mask_offset = (self._mask_offset + take) & 3
+                self._payload(frame.opcode, chunk, events)
+                if self._remaining == 0:
                     self._finish_frame(events)
         except ProtocolViolation as exc:
             self.failed = True
-            events.append(("error", exc.code, str(exc)))
+            events.append(Event(EventKind.ERROR, code=exc.code, reason=str(exc)))
         if pos < end and not self.failed:
             self._buf = bytearray(view[pos:])   # at most a partial header (< 14 bytes)
         view.release()
         return events
 
-    def _start_frame(self, fin: bool, opcode: int, length: int, mask: bytes) -> None:
-        if opcode == OP_CONTINUATION:
+    def _start_frame(self, header: FrameHeader) -> None:
+        opcode = header.opcode
+        if opcode == Opcode.CONTINUATION:
             if self._message is None:
-                raise ProtocolViolation(1002, "continuation frame without a message")
-        elif opcode < 8:
+                raise ProtocolViolation(CloseReason.PROTOCOL_ERROR,
+                                        "continuation frame without a message")
+        elif opcode < Opcode.CLOSE:
             if self._message is not None:
-                raise ProtocolViolation(1002, "new message before the previous one ended")
-            if opcode == OP_TEXT and not self._base64:
-                raise ProtocolViolation(1003, "text frame on a binary tunnel")
+                raise ProtocolViolation(CloseReason.PROTOCOL_ERROR,
+                                        "new message before the previous one ended")
+            if opcode == Opcode.TEXT and not self._base64:
+                raise ProtocolViolation(CloseReason.UNSUPPORTED_DATA,
+                                        "text frame on a binary tunnel")
             self._message = opcode
         else:
             self._control.clear()
-        self._frame = [opcode, fin, mask, length, 0]
+        self._frame = header
+        self._remaining = header.length
+        self._mask_offset = 0
 
-    def _payload(self, opcode: int, chunk: bytes, events: list) -> None:
-        if opcode >= 8:
+    def _payload(self, opcode: Opcode, chunk: bytes, events: list[Event]) -> None:
+        if opcode >= Opcode.CLOSE:
             self._control += chunk
-        elif self._message == OP_BINARY:
-            events.append(("data", chunk))
+        elif self._message == Opcode.BINARY:
+            events.append(Event(EventKind.DATA, chunk))
         else:
             self._text += chunk
             if len(self._text) > MAX_CLIENT_FRAME:
-                raise ProtocolViolation(1009, "base64 message over 1 MiB")
+                raise ProtocolViolation(CloseReason.MESSAGE_TOO_BIG, "base64 message over 1 MiB")
 
-    def _finish_frame(self, events: list) -> None:
-        opcode, fin = self._frame[0], self._frame[1]  # type: ignore[index]
+    def _finish_frame(self, events: list[Event]) -> None:
+        frame = self._frame
+        assert frame is not None
         self._frame = None
-        if opcode == OP_CLOSE:
+        if frame.opcode == Opcode.CLOSE:
             code, reason = parse_close_payload(bytes(self._control))
-            events.append(("close", code, reason))
-        elif opcode == OP_PING:
-            events.append(("ping", bytes(self._control)))
-        elif opcode == OP_PONG:
-            events.append(("pong", bytes(self._control)))
-        elif fin:
-            if self._message == OP_TEXT:
-                events.append(("data", decode_base64_text(bytes(self._text))))
+            events.append(Event(EventKind.CLOSE, code=code, reason=reason))
+        elif frame.opcode == Opcode.PING:
+            events.append(Event(EventKind.PING, bytes(self._control)))
+        elif frame.opcode == Opcode.PONG:
+            events.append(Event(EventKind.PONG, bytes(self._control)))
+        elif frame.fin:
+            if self._message == Opcode.TEXT:
+                events.append(Event(EventKind.DATA, decode_base64_text(bytes(self._text))))
                 self._text.clear()
             self._message = None
 
@@ -1889,10 +1968,89 @@ def decode_base64_text(text: bytes) -> bytes:
     try:
         text.decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolViolation(1007, "text message is not UTF-8") from None
+        raise ProtocolViolation(CloseReason.INVALID_FRAME_PAYLOAD_DATA,
+                                "text message is not UTF-8") from None
     if not _BASE64_TEXT.fullmatch(text):
-        raise ProtocolViolation(1007, "text message is not base64")
+        raise ProtocolViolation(CloseReason.INVALID_FRAME_PAYLOAD_DATA,
+                                "text message is not base64")
     return base64.b64decode(text)
+
+
+# =====================================================================================
+# Tunnels, part 2: the one writer to the client, and the two relays
+# =====================================================================================
+#
+# A tunnel has two threads: the connection thread relays client -> desktop (and
+# answers the client's Pings), the `-down` thread relays desktop -> client. Both wait
+# in poll() and then do a non-blocking read or write; OpenSSL objects are not
+# thread-safe, so every call on the client's TLS socket is made under the tunnel's
+# `tls_lock`, which is never held while waiting. Everything sent to the client goes
+# through its ClientWriter (rule: a frame started is a frame finished).
+
+DESKTOP_CONNECT_TIMEOUT_S = 10
+CLOSE_LINGER_S = 2        # after our Close is out, how long we wait for the client's
+GRACE_S = 3               # one side gone, the other frozen: end after this
+CLIENT_READ_BYTES = 256 * 1024   # decrypted bytes read before decoding them
+SMALL_READ_BYTES = 4096          # a tunnel's desktop read buffer while it is quiet
+DOWN_BATCH_FRAMES = 4            # full frames from a streaming desktop per TLS write
+BUFFER_IDLE_S = 1.0       # a desktop quiet this long gets its small read buffer back
+WANT_READ_WAIT_S = 0.1    # a write that needs a read first: look again this soon
+
+_WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
+_HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+def _hard_shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the TLS
+    # object under the feet of the thread that may be using it.
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+def _wait(sock: socket.socket, events: int, timeout_s: float | None) -> int:
+    poller = select.poll()
+    poller.register(sock, events)
+    ready = poller.poll(None if timeout_s is None else max(0, int(timeout_s * 1000)))
+    return ready[0][1] if ready else 0
+
+
+class Gathered(NamedTuple):
+    end: int                       # where the last gathered frame ends in the buffer
+    payload_bytes: int             # of all the frames
+    last_read: int                 # size of the last desktop read (0: none was ready)
+    error: OSError | None          # a desktop error, to act on after sending the frames
+
+
+def gather_frames(sock: socket.socket, buf: bytearray, view: memoryview, size: int,
+                  limit: int) -> Gathered:
+    """Appends more whole binary frames after the first (its payload at buf[10:10 + size],
+    its header just before) while the desktop socket has them ready.
+
+    A desktop that filled a whole frame most likely has more waiting (a video stream,
+    a file copy): one TLS write of several frames costs fewer trips through Python and
+    the TLS layer than one write per frame. Frames stay within `limit` payload bytes
+    each, with minimal headers.
+    """
+    end = 10 + size
+    total = size
+    while size == limit and end + 4 + limit <= len(buf):
+        try:
+            size = sock.recv_into(view[end + 4:end + 4 + limit])
+        except _WOULD_BLOCK:
+            return Gathered(end, total, 0, None)
+        except OSError as exc:
+            return Gathered(end, total, 0, exc)
+        if size == 0:
+            return Gathered(end, total, 0, None)   # EOF: the next read sees it again
+        header = frame_header(Opcode.BINARY, size)
+        if len(header) == 2:   # under 126 bytes: close the gap left for 4
+            buf[end + 2:end + 2 + size] = buf[end + 4:end + 4 + size]
+        buf[end:end + len(header)] = header
+        end += len(header) + size
+        total += size
+    return Gathered(end, total, size, None)
 
 
 def serve_tunnel(gateway: Gateway, stream: Stream, request: Request, client: str) -> None:
@@ -1906,9 +2064,10 @@ def serve_tunnel(gateway: Gateway, stream: Stream, request: Request, client: str
     token = params.get("token", "")
     if not token:
         raise TokenRefused("missing token")
-    desktop = gateway.tokens.acquire(token)
-    if desktop is None:
+    grant = gateway.tokens.acquire(token)
+    if grant is None:
         raise TokenRefused("unknown or expired token", f"token {token_hint(token)}")
+    desktop = grant.desktop
     desktop_sock = None
     try:
         try:
@@ -1922,7 +2081,7 @@ def serve_tunnel(gateway: Gateway, stream: Stream, request: Request, client: str
         subprotocol = choose_subprotocol(request)
         stream.send(handshake_response(key, subprotocol))
         tunnel = Tunnel(gateway.config, stream.sock, desktop_sock, client, desktop, token,
-                        subprotocol, client_version(params))
+                        subprotocol, client_version(params), grant.life)
         gateway.tunnel_opened(tunnel)
         try:
             tunnel.run(bytes(stream.buffer))
@@ -1934,24 +2093,239 @@ def serve_tunnel(gateway: Gateway, stream: Stream, request: Request, client: str
             desktop_sock.close()
 
 
-def _hard_shutdown(sock: socket.socket) -> None:
-    # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the TLS
-    # object under the feet of the thread that may be using it.
+def _new_buffer(size: int, old=None, old_view: memoryview | None = None):
+    """A desktop read buffer and its view, the old one (if any) given back.
+
+    Large buffers are anonymous mappings: unmapped when the burst is over, their
+    memory really goes back to the system. From malloc, freed 256 KiB blocks stay in
+    the process (glibc raises its mmap threshold after the first free), and 1,000
+    tunnels after one burst each held 360 MiB.
+    """
+    if old_view is not None:
+        old_view.release()
+    if isinstance(old, mmap.mmap):
+        old.close()
+    buf = bytearray(size) if size <= 64 * 1024 else mmap.mmap(-1, size)
+    return buf, memoryview(buf)
+
+
+class TunnelEnd:
+    """Why a tunnel ended (the first reason noted wins), and the one way to end it:
+    shutting both sockets down wakes every thread of the tunnel wherever it waits."""
+
+    def __init__(self, client_sock: socket.socket, desktop_sock: socket.socket):
+        self._lock = threading.Lock()
+        self._sockets = (desktop_sock, client_sock)
+        self.reason: str | None = None
+        self.ended = False
+
+    def note(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+
+    def end(self, reason: str) -> None:
+        self.note(reason)
+        with self._lock:
+            if self.ended:
+                return
+            self.ended = True
+        for sock in self._sockets:
+            _hard_shutdown(sock)
+
+
+class ClientWriter:
+    """The one way bytes reach a tunnel's client: whole frames, in order, bounded.
+
+    Over TLS a write that would block must be retried with the same bytes: one given
+    up half-way makes OpenSSL send the rest of its record in place of the next
+    frame's first bytes, and the client reads garbage. So a thread that starts a
+    frame finishes it, or ends the tunnel, and no other thread writes meanwhile:
+    that thread holds `_writing`.
+
+    The down thread writes data frames. Ping, Pong and Close, from any thread, are
+    queued and go out between data frames, written by the thread that holds
+    `_writing` when they are queued (the down thread, after its current frame), or
+    at once by the queuing thread if nobody is writing. Nothing follows our Close.
+    A client that accepts no byte for `stall_timeout_s` while a frame waits for it
+    ends the tunnel: `client not reading`.
+    """
+
+    def __init__(self, sock: socket.socket, tls_lock: threading.Lock, stall_timeout_s: float,
+                 end: TunnelEnd):
+        self._sock = sock
+        self._tls_lock = tls_lock
+        self._stall_timeout_s = stall_timeout_s
+        self._end = end
+        self._writing = threading.Lock()
+        self._queue_lock = threading.Lock()   # the queue and the two flags below
+        self._queue: collections.deque[tuple[Opcode, bytes]] = collections.deque()
+        self._ping_queued = False
+        self.closing = False           # our Close is queued or out: nothing after it
+        self.ping_out_at: float | None = None   # last byte of our last Ping handed over
+        self.close_out_at: float | None = None  # last byte of our Close handed over
+
+    # -- any thread --------------------------------------------------------------------
+
+    def queue(self, opcode: Opcode, payload: bytes = b"", write: bool = True) -> None:
+        """Queues a control frame; with `write`, writes it now if nobody is writing
+        (waiting for the client at most `stall_timeout_s`)."""
+        with self._queue_lock:
+            if self.closing or (opcode == Opcode.PING and self._ping_queued):
+                return
+            if opcode == Opcode.CLOSE:
+                self.closing = True
+            elif opcode == Opcode.PING:
+                self._ping_queued = True
+            self._queue.append((opcode, payload))
+        if write:
+            self.flush()
+
+    def queue_close(self, code: int | None, reason: str = "", write: bool = True) -> None:
+        payload = close_frame(code, reason)[2:]   # at most 122 bytes: a 2-byte header
+        self.queue(Opcode.CLOSE, payload, write)
+
+    def flush(self, deadline: float | None = None) -> None:
+        """Writes the queued control frames unless another thread is writing (which
+        then writes them itself after its current frame). A frame not out by
+        `deadline` ends the tunnel: nothing may follow a frame left half-written."""
+        while self._queue and self._writing.acquire(blocking=False):
+            try:
+                self._write_queued(deadline)
+            finally:
+                self._writing.release()
+            # Loop: a frame queued after our last look but before the release found
+            # `_writing` taken and left the writing to us.
+
+    @property
+    def writing(self) -> bool:
+        """Some thread is writing a frame now."""
+        return self._writing.locked()
+
+    def desktop_gone(self) -> None:
+        """The desktop has gone: what is left for the client is delivered while it
+        keeps taking bytes, but a client frozen for GRACE_S is not waited for."""
+        self._stall_timeout_s = min(self._stall_timeout_s, GRACE_S)
+
+    def wait_idle(self, timeout_s: float) -> None:
+        """Waits (at most timeout_s) until no frame is being written, so that what was
+        queued before is out, or the tunnel ended."""
+        if self._writing.acquire(timeout=timeout_s):
+            self._writing.release()
+
+    # -- the down thread ---------------------------------------------------------------
+
+    def send_data(self, frames) -> bool:
+        """Writes whole data frames (and the control frames queued meanwhile); False
+        when the tunnel is over or closing, so that the caller stops."""
+        deadline = time.monotonic() + self._stall_timeout_s + 1
+        while not self._writing.acquire(timeout=1.0):
+            # The holder's own writes are bounded by the stall timeout; this is a
+            # second bound, should it be stuck elsewhere.
+            if self._end.ended or time.monotonic() > deadline:
+                return False
+        try:
+            if not self._write_queued() or self.closing:
+                return False
+            return self._write_whole(frames) and self._write_queued()
+        finally:
+            self._writing.release()
+            self.flush()
+
+    # -- the holder of _writing only ---------------------------------------------------
+
+    def _write_queued(self, deadline: float | None = None) -> bool:
+        while self._queue:
+            with self._queue_lock:
+                opcode, payload = self._queue.popleft()
+                if opcode == Opcode.PING:
+                    self._ping_queued = False
+            if not self._write_whole(encode_frame(opcode, payload), deadline):
+                return False
+            # Out from when its last byte is handed over (PROTOCOL.md); the up thread
+            # clears it when the client is heard from.
+            if opcode == Opcode.PING and self.ping_out_at is None:
+                self.ping_out_at = time.monotonic()
+            elif opcode == Opcode.CLOSE:
+                self.close_out_at = time.monotonic()
+        return True
+
+    def _write_whole(self, data, deadline: float | None = None) -> bool:
+        """Hands every byte of `data` to the socket; False if the tunnel ended.
+        Waits for the client at most `stall_timeout_s` without progress, or until
+        `deadline`; then ends the tunnel."""
+        view = memoryview(data)
+        stalled_since: float | None = None
+        while view.nbytes:
+            if self._end.ended:
+                return False
+            try:
+                with self._tls_lock:
+                    sent = self._sock.send(view)
+            except ssl.SSLWantReadError:
+                sent, event = 0, select.POLLIN
+            except _WOULD_BLOCK:
+                sent, event = 0, select.POLLOUT
+            except OSError as exc:
+                self._end.end(f"client connection lost: {exc.strerror or exc}")
+                return False
+            if sent:
+                view = view[sent:]
+                stalled_since = None
+                continue
+            now = time.monotonic()
+            if stalled_since is None:
+                stalled_since = now
+            remaining = stalled_since + self._stall_timeout_s - now
+            if deadline is not None and deadline - now < remaining:
+                remaining = deadline - now
+            if remaining <= 0:
+                self._end.end(f"client not reading: no byte accepted in "
+                              f"{self._stall_timeout_s:g} s")
+                return False
+            if event == select.POLLIN:
+                # TLS wants to read first; the up thread reads, so look again soon.
+                _wait(self._sock, select.POLLIN, min(remaining, WANT_READ_WAIT_S))
+            # At most a second at a time: desktop_gone() may shorten the timeout.
+            elif _wait(self._sock, select.POLLOUT, min(remaining, 1.0)) & select.POLLOUT:
+                stalled_since = None   # room again: the client took bytes
+        return True
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue that the peer has not acknowledged yet."""
     try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
     except OSError:
-        pass
+        return 0
 
 
-def _wait(sock: socket.socket, events: int, timeout_s: float | None) -> int:
-    poller = select.poll()
-    poller.register(sock, events)
-    ready = poller.poll(None if timeout_s is None else max(0, int(timeout_s * 1000)))
-    return ready[0][1] if ready else 0
+class CloseLinger:
+    """After our Close is out, how long to wait for the client's Close answer.
 
+    Until the client has taken every byte (our send queue is empty), then
+    CLOSE_LINGER_S after that or after the client's last byte, whichever is later.
+    Closing earlier, a slow client still reading its backlog would answer a Ping into
+    a closed socket, get a reset, and lose what it had not read. A send queue that
+    does not shrink for GRACE_S means the client is not reading.
+    """
 
-_WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
-_HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+    def __init__(self, sock: socket.socket, close_at: float):
+        self._sock = sock
+        self._queued = -1
+        self._progress_at = close_at
+
+    def check(self, now: float, heard_at: float) -> tuple[float, str | None]:
+        """(when to look again, None) or (now, why the tunnel ends now)."""
+        queued = unsent_bytes(self._sock)
+        if queued != self._queued:
+            self._queued, self._progress_at = queued, now
+        if queued:
+            if now - self._progress_at >= GRACE_S:
+                return now, f"client not reading: no byte accepted in {GRACE_S:g} s"
+            return now + 0.5, None
+        end_by = max(self._progress_at, heard_at) + CLOSE_LINGER_S
+        return (now, "no Close answer from the client") if now >= end_by else (end_by, None)
 
 
 class Tunnel:
@@ -1964,7 +2338,7 @@ class Tunnel:
 
     def __init__(self, config: Config, client_sock: socket.socket, desktop_sock: socket.socket,
                  client: str, desktop: tuple[str, int], token: str,
-                 subprotocol: str | None, version: int):
+                 subprotocol: str | None, version: int, life: ClientLife | None = None):
         self.config = config
         self.client_sock = client_sock
         self.desktop_sock = desktop_sock
@@ -1973,86 +2347,40 @@ class Tunnel:
         self.token = token
         self.subprotocol = subprotocol
         self.version = version
+        self.life = life or ClientLife()
         # Clients without ver >= 2 do not answer Pings: they never get one.
         self.keepalive_s = config.keepalive_s if version >= 2 else 0
         self.started = time.monotonic()
         self.bytes_up = 0      # client -> desktop payload bytes
         self.bytes_down = 0    # desktop -> client payload bytes
         self._tls_lock = threading.Lock()    # every call on client_sock
-        self._send_lock = threading.Lock()   # one whole frame at a time to the client
-        self._state_lock = threading.Lock()
-        self._reason: str | None = None
-        self._ended = False
-        self._close_sent_at: float | None = None
+        self._end = TunnelEnd(client_sock, desktop_sock)
+        self.writer = ClientWriter(client_sock, self._tls_lock,
+                                   config.client_stall_timeout_s, self._end)
         self._pending = getattr(client_sock, "pending", None)
-
-    # -- shared by both relay threads ------------------------------------------------
-
-    def note_reason(self, reason: str) -> None:
-        with self._state_lock:
-            if self._reason is None:
-                self._reason = reason
-
-    def end(self, reason: str) -> None:
-        """Records why (first reason wins) and wakes every thread of the tunnel."""
-        self.note_reason(reason)
-        with self._state_lock:
-            if self._ended:
-                return
-            self._ended = True
-        _hard_shutdown(self.desktop_sock)
-        _hard_shutdown(self.client_sock)
+        self._stopping = False
 
     @property
     def ended(self) -> bool:
-        return self._ended
-
-    def send_to_client(self, data, lock_timeout_s: float | None = None,
-                       deadline: float | None = None) -> bool:
-        """Sends one whole frame; False if the tunnel ended or a limit passed first."""
-        if not self._send_lock.acquire(timeout=-1 if lock_timeout_s is None else lock_timeout_s):
-            return False
-        try:
-            view = memoryview(data)
-            while view.nbytes:
-                if self._ended:
-                    return False
-                try:
-                    with self._tls_lock:
-                        sent = self.client_sock.send(view)
-                except _WOULD_BLOCK:
-                    sent = 0
-                except OSError as exc:
-                    self.end(f"client connection lost: {exc.strerror or exc}")
-                    return False
-                if sent:
-                    view = view[sent:]
-                    continue
-                timeout = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-                if timeout <= 0:
-                    return False
-                _wait(self.client_sock, select.POLLOUT, timeout)
-            return True
-        finally:
-            self._send_lock.release()
-
-    def send_close(self, code: int | None, reason: str = "") -> None:
-        """Our Close frame, at most once, bounded in time."""
-        with self._state_lock:
-            if self._close_sent_at is not None:
-                return
-            self._close_sent_at = time.monotonic()
-        deadline = time.monotonic() + CLOSE_LINGER_S
-        self.send_to_client(close_frame(code, reason), lock_timeout_s=LOCK_WAIT_S,
-                            deadline=deadline)
+        return self._end.ended
 
     def stop(self, code: int, reason: str) -> None:
-        """From another thread (SIGTERM): Close to the client, then end."""
-        self.note_reason(reason)
-        self.send_close(code, reason)
-        self.end(reason)
+        """From the main thread (SIGTERM), without waiting: our Close goes out through
+        the down thread, which the desktop socket's shutdown wakes; it then ends the
+        tunnel at once (the process is about to exit: no waiting for the answer)."""
+        self._stopping = True
+        self._end.note(reason)
+        self.writer.queue_close(code, reason, write=False)
+        _hard_shutdown(self.desktop_sock)
 
-    # -- the connection thread: client -> desktop ------------------------------------
+    def _close_and_end(self, code: int | None, text: str, why: str) -> None:
+        """From the up thread: our Close (after the frame being written, if any),
+        within CLOSE_LINGER_S, then the end."""
+        self._end.note(why)
+        self.writer.queue_close(code, text, write=False)
+        self.writer.flush(deadline=time.monotonic() + CLOSE_LINGER_S)
+        self.writer.wait_idle(CLOSE_LINGER_S)
+        self._end.end(why)
 
     def run(self, early: bytes) -> None:
         self.client_sock.setblocking(False)
@@ -2067,71 +2395,81 @@ class Tunnel:
             self._relay_up(early)
         except Exception as exc:   # a bug must not leave the desktop connected
             log.exception("%s: tunnel relay failed", self.client)
-            self.end(f"internal error: {exc}")
+            self._end.end(f"internal error: {exc}")
         finally:
-            self.end("tunnel closed")
+            self._end.end("tunnel closed")
             down.join(GRACE_S + CLOSE_LINGER_S)
             log.info("tunnel ended: client %s, desktop %s:%d, token %s, %d bytes up, "
                      "%d bytes down, %.1f s: %s", self.client, self.desktop[0], self.desktop[1],
                      token_hint(self.token), self.bytes_up, self.bytes_down,
-                     time.monotonic() - self.started, self._reason)
+                     time.monotonic() - self.started, self._end.reason)
+
+    # -- the connection thread: client -> desktop ------------------------------------
 
     def _relay_up(self, early: bytes) -> None:
-        config = self.config
+        pong_timeout_s = self.config.pong_timeout_s
         keepalive = self.keepalive_s
+        writer = self.writer
+        life = self.life
         decoder = FrameDecoder(base64_text=self.subprotocol == "base64")
         poller = select.poll()
         poller.register(self.client_sock, select.POLLIN)
         poller.register(self.desktop_sock, _HANGUP)   # desktop gone while we wait
         next_ping = time.monotonic() + keepalive if keepalive else None
-        ping_out_since: float | None = None
-        end_by: float | None = None   # one side gone: the tunnel ends by then
-        end_by_reason = ""
+        desktop_gone = False
+        linger: CloseLinger | None = None
+        heard_at = 0.0
         data = early
         drained = False   # the last read took everything: wait before reading again
-        while not self._ended:
+        while not self._end.ended:
             if not data:
                 data, drained = (None, False) if drained else self._read_client()
-            if data is None:     # nothing to read now: wait
-                now = time.monotonic()
-                if self._close_sent_at is not None and end_by is None:
-                    end_by = self._close_sent_at + CLOSE_LINGER_S
-                    end_by_reason = "no Close answer from the client"
-                timers = [t for t in (next_ping, end_by,
-                                      ping_out_since and ping_out_since + config.pong_timeout_s)
-                          if t]
-                timeout = max(0, min(timers) - now) if timers else None
-                if timeout is not None:
-                    timeout = min(timeout, 60.0)
-                for fd, event in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
-                    if fd == self.desktop_sock.fileno() and event & _HANGUP:
-                        poller.unregister(self.desktop_sock)
-                        if end_by is None:
-                            end_by = time.monotonic() + GRACE_S
-                            end_by_reason = "desktop closed, client not reading"
-                now = time.monotonic()
-                if end_by is not None and now >= end_by:
-                    self.end(end_by_reason)
+            if data is not None:
+                if not data:
+                    self._end.end("client disconnected without a Close")
                     return
-                if ping_out_since is not None and now >= ping_out_since + config.pong_timeout_s:
-                    self.note_reason(f"no answer to Ping within {config.pong_timeout_s:g} s")
-                    self.send_close(1001, "ping timeout")
-                    self.end("ping timeout")
+                # Any byte from the client is a sign of life, on this tunnel or another.
+                life.heard_at = heard_at = time.monotonic()
+                writer.ping_out_at = None
+                if self._handle_client_bytes(decoder, data):
                     return
-                if next_ping is not None and now >= next_ping:
-                    self.send_to_client(encode_frame(OP_PING, b"flexvdi"), lock_timeout_s=0.2,
-                                        deadline=now + 1)
-                    if ping_out_since is None:
-                        ping_out_since = now   # even if the writer was busy: no sign of life
-                    next_ping = now + keepalive
+                data = b""
                 continue
-            if not data:
-                self.end("client disconnected without a Close")
+            # Nothing to read now: wait for the client, the desktop's hang-up or a timer.
+            ping_at = writer.ping_out_at
+            if ping_at is not None and life.heard_at >= ping_at:   # heard on another tunnel
+                writer.ping_out_at = ping_at = None
+            pong_due = None if ping_at is None else ping_at + pong_timeout_s
+            look_again = None
+            if desktop_gone:
+                # The down thread delivers what the desktop sent, then our Close (the
+                # writer bounds that by the client's progress); then we linger.
+                if linger is None and writer.close_out_at is not None:
+                    linger = CloseLinger(self.client_sock, writer.close_out_at)
+                if linger is None:
+                    look_again = time.monotonic() + 0.5
+                else:
+                    look_again, why = linger.check(time.monotonic(), heard_at)
+                    if why:
+                        self._end.end(why)
+                        return
+            timers = [t for t in (next_ping, pong_due, look_again) if t is not None]
+            timeout_ms = (max(0, int((min(timers) - time.monotonic()) * 1000)) + 1
+                          if timers else None)
+            for fd, event in poller.poll(timeout_ms):
+                if fd != self.client_sock.fileno() and event & _HANGUP:
+                    poller.unregister(self.desktop_sock)
+                    desktop_gone = True
+                    writer.desktop_gone()
+            now = time.monotonic()
+            if (pong_due is not None and now >= pong_due and writer.ping_out_at is not None
+                    and life.heard_at < writer.ping_out_at):
+                self._close_and_end(CloseReason.GOING_AWAY, "ping timeout",
+                                    f"no answer to Ping within {pong_timeout_s:g} s")
                 return
-            ping_out_since = None    # any byte from the client is a sign of life
-            if self._handle_client_bytes(decoder, data):
-                return
-            data = b""
+            if next_ping is not None and now >= next_ping:
+                writer.queue(Opcode.PING, PING_PAYLOAD)
+                next_ping = now + keepalive
 
     def _read_client(self):
         """(decrypted bytes, drained): bytes None if none are ready, b"" at EOF.
@@ -2158,7 +2496,7 @@ class Tunnel:
                 except OSError as exc:
                     if size:
                         break   # deliver what arrived; the error comes again next read
-                    self.end(f"client connection lost: {exc.strerror or exc}")
+                    self._end.end(f"client connection lost: {exc.strerror or exc}")
                     return b"", True
                 if not chunk:
                     if size:
@@ -2176,24 +2514,21 @@ class Tunnel:
     def _handle_client_bytes(self, decoder: FrameDecoder, data: bytes) -> bool:
         """Acts on decoded events; True when the tunnel is over."""
         for event in decoder.feed(data):
-            kind = event[0]
-            if kind == "data":
-                if self._close_sent_at is None:
-                    self._send_to_desktop(event[1])
-            elif kind == "ping":
-                self.send_to_client(encode_frame(OP_PONG, event[1]), lock_timeout_s=LOCK_WAIT_S)
-            elif kind == "close":
-                code = event[1]
-                self.note_reason("client closed" + (f" ({code})" if code else ""))
-                self.send_close(code, "")
-                self.end("client closed")
+            kind = event.kind
+            if kind is EventKind.DATA:
+                if not self.writer.closing:
+                    self._send_to_desktop(event.payload)
+            elif kind is EventKind.PING:
+                self.writer.queue(Opcode.PONG, event.payload)
+            elif kind is EventKind.CLOSE:
+                code = event.code
+                self._close_and_end(code, "", "client closed" + (f" ({code})" if code else ""))
                 return True
-            elif kind == "error":
-                self.note_reason(f"client broke the protocol: {event[2]}")
-                self.send_close(event[1], event[2][:100])
-                self.end("protocol error")
+            elif kind is EventKind.ERROR:
+                self._close_and_end(event.code, event.reason[:100],
+                                    f"client broke the protocol: {event.reason}")
                 return True
-            if self._ended:
+            if self._end.ended:
                 return True
         return False
 
@@ -2201,15 +2536,14 @@ class Tunnel:
         view = memoryview(data)
         keepalive = self.keepalive_s
         next_ping = None
-        while view.nbytes and not self._ended:
+        while view.nbytes and not self._end.ended:
             try:
                 sent = self.desktop_sock.send(view)
             except _WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
-                self.note_reason(f"desktop connection lost: {exc.strerror or exc}")
-                self.send_close(1011, "desktop connection lost")
-                self.end("desktop connection lost")
+                self._close_and_end(CloseReason.INTERNAL_ERROR, "desktop connection lost",
+                                    f"desktop connection lost: {exc.strerror or exc}")
                 return
             if sent:
                 view = view[sent:]
@@ -2225,8 +2559,7 @@ class Tunnel:
             if keepalive and next_ping is None:
                 next_ping = now + keepalive
             elif keepalive and now >= next_ping:
-                self.send_to_client(encode_frame(OP_PING, b"flexvdi"), lock_timeout_s=0.2,
-                                    deadline=now + 1)
+                self.writer.queue(Opcode.PING, PING_PAYLOAD)
                 next_ping = now + keepalive
 
     # -- the down thread: desktop -> client ------------------------------------------
@@ -2236,60 +2569,75 @@ class Tunnel:
             self._relay_down_loop()
         except Exception as exc:
             log.exception("%s: tunnel relay (down) failed", self.client)
-            self.end(f"internal error: {exc}")
+            self._end.end(f"internal error: {exc}")
 
     def _relay_down_loop(self) -> None:
+        writer = self.writer
         base64_mode = self.subprotocol == "base64"
         limit = (MAX_SEND_PAYLOAD // 4) * 3 if base64_mode else MAX_SEND_PAYLOAD
         batch_bytes = limit if base64_mode else DOWN_BATCH_FRAMES * (limit + 4)
+        small = 10 + min(limit, SMALL_READ_BYTES)
         # Interactive channels (inputs, cursor) move a few bytes at a time: their
         # buffer stays small. One that fills it gets a full frame's worth, and one
-        # that fills a full frame gets room for a batch of frames (_gather_frames).
-        buf = bytearray(10 + min(limit, SMALL_READ_BYTES))
-        view = memoryview(buf)
+        # that fills a full frame gets room for a batch of frames (gather_frames);
+        # a desktop quiet for BUFFER_IDLE_S gets the small one back.
+        buf, view = _new_buffer(small)
         poller = select.poll()
         poller.register(self.desktop_sock, select.POLLIN)
         poller.register(self.client_sock, _HANGUP)   # client gone while the desktop is silent
         client_gone_at: float | None = None
         drained = False   # the last read was short: wait before reading again
-        while not self._ended:
+        while not self._end.ended:
+            if writer.closing:   # SIGTERM, or the up thread is closing: no more data
+                writer.flush()
+                if self._stopping:
+                    self._end.end("gateway stopping")
+                return
             try:
                 if drained:
                     drained = False
                     raise BlockingIOError   # go to poll() without a failing read
                 size = self.desktop_sock.recv_into(view[10:10 + limit])
             except _WOULD_BLOCK:
-                timeout = None if client_gone_at is None else max(
-                    0, client_gone_at + GRACE_S - time.monotonic())
-                for fd, event in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+                if client_gone_at is not None:
+                    timeout = max(0.0, client_gone_at + GRACE_S - time.monotonic())
+                else:
+                    timeout = BUFFER_IDLE_S if len(buf) > small else None
+                ready = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+                for fd, event in ready:
                     if fd == self.client_sock.fileno() and event & _HANGUP:
                         poller.unregister(self.client_sock)
                         client_gone_at = time.monotonic()
                 if client_gone_at is not None and time.monotonic() >= client_gone_at + GRACE_S:
-                    self.end("client disconnected")
+                    self._end.end("client disconnected")
+                elif not ready and len(buf) > small:
+                    buf, view = _new_buffer(small, buf, view)   # the burst is over
                 continue
             except OSError as exc:
                 self._desktop_lost(exc)
                 return
             if size == 0:
-                if not self._ended:
-                    # Every byte the desktop sent has been delivered: now Close 1000,
-                    # and the up thread waits a moment for the client's answer.
-                    self.note_reason("desktop closed")
-                    self.send_close(1000, "desktop closed")
-                    _hard_shutdown(self.desktop_sock)
+                # Every byte the desktop sent has been delivered: now Close 1000,
+                # and the up thread waits a moment for the client's answer.
+                self._end.note("desktop closed")
+                writer.desktop_gone()
+                writer.queue_close(CloseReason.NORMAL_CLOSURE, "desktop closed")
+                _hard_shutdown(self.desktop_sock)
                 return
             error = None
             if base64_mode:
-                frame = encode_frame(OP_TEXT, base64.b64encode(view[10:10 + size]))
+                frames = encode_frame(Opcode.TEXT, base64.b64encode(view[10:10 + size]))
                 total = size
             else:
-                header = frame_header(OP_BINARY, size)
+                header = frame_header(Opcode.BINARY, size)
                 start = 10 - len(header)
                 buf[start:10] = header
-                frame_end, total, size, error = self._gather_frames(buf, view, size, limit)
-                frame = view[start:frame_end]
-            if not self.send_to_client(frame):
+                end, total, size, error = gather_frames(self.desktop_sock, buf, view, size, limit)
+                frames = view[start:end]
+            if not writer.send_data(frames):
+                writer.flush()   # a Close queued meanwhile (SIGTERM)
+                if self._stopping:
+                    self._end.end("gateway stopping")
                 return
             self.bytes_down += total
             if error is not None:
@@ -2298,44 +2646,16 @@ class Tunnel:
             capacity = min(limit, len(buf) - 10)   # of one read
             drained = size < capacity
             if size == capacity and len(buf) < 10 + batch_bytes:
-                view.release()   # a full frame next, then room for a whole batch
-                buf = bytearray(10 + (limit if capacity < limit else batch_bytes))
-                view = memoryview(buf)
-
-    def _gather_frames(self, buf: bytearray, view: memoryview, size: int, limit: int):
-        """Appends more whole frames after the first (its payload at buf[10:10 + size])
-        while the desktop has them ready.
-
-        A desktop that filled a whole frame most likely has more waiting (a video
-        stream, a file copy): one TLS write of up to DOWN_BATCH_FRAMES frames costs
-        fewer trips through Python and the TLS layer than one write per frame. Frames
-        stay within MAX_SEND_PAYLOAD each. Returns (end of the frames, payload bytes,
-        size of the last read, desktop error to act on after sending what arrived).
-        """
-        end = 10 + size
-        total = size
-        while size == limit and end + 4 + limit <= len(buf):
-            try:
-                size = self.desktop_sock.recv_into(view[end + 4:end + 4 + limit])
-            except _WOULD_BLOCK:
-                return end, total, 0, None
-            except OSError as exc:
-                return end, total, 0, exc
-            if size == 0:
-                return end, total, 0, None   # EOF: the next read sees it again
-            header = frame_header(OP_BINARY, size)
-            if len(header) == 2:   # under 126 bytes: close the gap left for 4
-                buf[end + 2:end + 2 + size] = buf[end + 4:end + 4 + size]
-            buf[end:end + len(header)] = header
-            end += len(header) + size
-            total += size
-        return end, total, size, None
+                # A full frame next, then room for a whole batch.
+                buf, view = _new_buffer(10 + (limit if capacity < limit else batch_bytes),
+                                        buf, view)
 
     def _desktop_lost(self, exc: OSError) -> None:
-        if not self._ended:
-            self.note_reason(f"desktop connection lost: {exc.strerror or exc}")
-            self.send_close(1011, "desktop connection lost")
-            self.end("desktop connection lost")
+        self._end.note(f"desktop connection lost: {exc.strerror or exc}")
+        self.writer.desktop_gone()
+        self.writer.queue_close(CloseReason.INTERNAL_ERROR, "desktop connection lost")
+        _hard_shutdown(self.desktop_sock)
+
 
 # =====================================================================================
 # Operation: --check-config and main()
@@ -2428,6 +2748,27 @@ def _log_handler(to_stderr: bool) -> logging.Handler:
     return handler
 
 
+class _SignalPipe:
+    """The signals main() waits for, read from a self-pipe (signal.set_wakeup_fd)."""
+
+    def __init__(self, signums: tuple[int, ...]):
+        self._read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        # A full pipe just drops the byte: a burst of one signal is one event anyway.
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for signum in signums:
+            signal.signal(signum, _no_op_handler)
+
+    def wait(self) -> set[int]:
+        """Blocks until a signal arrives; returns every signal received by then."""
+        data = os.read(self._read_fd, 4096)
+        return {signal.Signals(number) for number in data}
+
+
+def _no_op_handler(signum, frame) -> None:
+    """The work happens in main(), woken through the pipe."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flexvdi-gateway",
                                      description="flexVDI Gateway: the public entry point "
@@ -2446,12 +2787,11 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     if args.check_config:
         return 1 if check_config(args.config) else 0
-    # Handlers first: a reload or stop during start-up must not kill the process.
-    stop = threading.Event()
-    reload_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    # Signals first: a reload or stop during start-up must not kill the process. They
+    # only write their number to a pipe (the C-level handler behind set_wakeup_fd);
+    # the Python-level handler does nothing. A handler that took a lock, like
+    # Event.set(), could deadlock: it runs in the main thread, which may hold it.
+    signals = _SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     try:
         config = load_config(args.config)
         if config.debug:
@@ -2475,20 +2815,22 @@ def main(argv: list[str] | None = None) -> int:
                          name=name, daemon=True).start()
         log.info("listening on %s port %d (%s)", server.server_address[0],
                  server.server_address[1], "TLS" if server.tls else "plain HTTP")
-    while not stop.is_set():
-        stop.wait(0.5)
-        if reload_requested.is_set():
-            reload_requested.clear()
+    while True:
+        received = signals.wait()
+        if signal.SIGHUP in received:   # a burst of SIGHUPs is one reload
             try:
                 gateway.load_tls(create=False)   # a file gone at reload is an error
                 log.info("reloaded certificate and key from %s", config.cert_file)
             except ConfigError as exc:
                 log.error("reload failed, keeping the old certificate: %s", exc)
+        if received & {signal.SIGTERM, signal.SIGINT}:
+            break
     log.info("stopping: closing listeners and %d tunnels", gateway.open_tunnels)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
     for server in servers:
         server.shutdown()
         server.server_close()
-    gateway.stop_tunnels(timeout_s=3.5)
+    gateway.stop_tunnels(timeout_s=deadline - time.monotonic())
     log.info("stopped")
     return 0
 

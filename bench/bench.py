@@ -483,24 +483,24 @@ def gateway_token(port, ctx, desktop):
     return str(ans["spice_port"])
 
 
-def start_gateway(procs, args, work, cert, key, manager_port):
-    t = Relay("gateway")
-    repo = os.path.abspath(args.repo)
+def start_gateway(procs, args, work, cert, key, manager_port, name="gateway", repo=None):
+    t = Relay(name)
+    repo = os.path.abspath(repo or args.repo)
     if not (os.path.exists(os.path.join(repo, "flexvdi_gateway.py"))
             or os.path.isdir(os.path.join(repo, "flexvdi_gateway"))):
         t.fail(f"flexvdi_gateway not found in {repo}")
         return t
     t.port = free_port()
-    conf = os.path.join(work, "gateway.conf")
+    conf = os.path.join(work, f"{name}.conf")
     with open(conf, "w") as f:
         json.dump({"ManagerIP": f"127.0.0.1:{manager_port}", "SslPort": t.port,
                    "ListenIP": "127.0.0.1", "CertFile": cert, "KeyFile": key,
                    "FirstSpicePort": 1, "LastSpicePort": 65535,
                    "PublicAddress": "127.0.0.1", "KeepAlive": 0}, f, indent=1)
-    logp = os.path.join(work, "gateway.log")
+    logp = os.path.join(work, f"{name}.log")
     argv = [args.python, "-m", "flexvdi_gateway", "-c", conf, "--stderr"]
     t.log_path = logp
-    t.proc = procs.start("gateway", argv, logp, cwd=repo)
+    t.proc = procs.start(name, argv, logp, cwd=repo)
     if not wait_listening(t.port, t.proc, 15):
         rc = t.proc.poll()
         why = f"exit code {rc}" if rc is not None else "not listening after 15 s"
@@ -1246,6 +1246,9 @@ def parse_args():
     ap.add_argument("--scale-steps", metavar="N[,N...]", default="1000,2000,3000,5000",
                     help="tunnel counts of the scale test (default: %(default)s)")
     ap.add_argument("--only", choices=("gateway", "websockify"), help="run one relay only")
+    ap.add_argument("--baseline-repo", metavar="DIR",
+                    help="also run the gateway found in DIR (e.g. a worktree of the commit "
+                         "before a change) as column gateway-base, interleaved with the rest")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--resume", action="store_true",
                     help="clients resume TLS sessions (each reuses the last ticket it got "
@@ -1310,6 +1313,9 @@ def run(args, procs, work):
     if args.only != "gateway":
         relays.append(start_websockify(procs, args, work, cert, key, ports["plain"]))
     if args.only != "websockify":
+        if args.baseline_repo:
+            relays.append(start_gateway(procs, args, work, cert, key, ports["manager"],
+                                        "gateway-base", args.baseline_repo))
         relays.append(start_gateway(procs, args, work, cert, key, ports["manager"]))
     notes = []
     for t in relays:

@@ -338,13 +338,19 @@ def test_clients_that_stop_reading_while_desktops_flood(gateway, manager, spice_
           f"tunnels ended {took:.1f} s after the desktops reset")
 
 
-@pytest.mark.parametrize("desktop", ["idle", "flooding"])
+@pytest.mark.parametrize("desktop, why", [
+    ("idle", ("no answer to Ping",)),
+    # A Ping stuck behind data frames is not out yet (PROTOCOL.md): whichever comes
+    # first, a Ping that got out unanswered or the stalled writes, ends the tunnel.
+    ("flooding", ("no answer to Ping", "client not reading")),
+])
 def test_client_vanishing_without_fin_or_rst_ends_by_keepalive(gateway_factory, manager,
-                                                               spice_factory, desktop):
+                                                               spice_factory, desktop, why):
     """The client's network vanishes (a proxy that goes silent): no FIN, no RST. With
-    KeepAlive on, the tunnel ends by PongTimeout and releases its threads and sockets,
-    also when the desktop keeps sending and the gateway's writes are blocked."""
-    gateway = gateway_factory(KeepAlive=1, PongTimeout=2)
+    KeepAlive on, the tunnel ends by PongTimeout and releases its threads and sockets;
+    when the desktop keeps sending and the gateway's writes are blocked, by
+    ClientStallTimeout."""
+    gateway = gateway_factory(KeepAlive=1, PongTimeout=2, ClientStallTimeout=3)
     echo = spice_factory(fakes.echo)
     threads, fds, _ = baseline(gateway, manager, echo)
     target = spice_factory(fakes.echo if desktop == "idle" else flood)
@@ -364,8 +370,8 @@ def test_client_vanishing_without_fin_or_rst_ends_by_keepalive(gateway_factory, 
             took = time.monotonic() - frozen_at
             flow.wait_round()
         assert took < 8, took
-        wait_for(lambda: "no answer to Ping" in gateway.log_text(), 5,
-                 message="the ping timeout in the log; tunnel end lines: "
+        wait_for(lambda: any(w in gateway.log_text() for w in why), 5,
+                 message=f"{why!r} in the log; tunnel end lines: "
                  + repr([x for x in gateway.log_text().splitlines() if "tunnel ended" in x]))
         settle(gateway, threads, fds)
     finally:

@@ -223,18 +223,18 @@ def feed_in_chunks(decoder, data, cuts):
 
 
 def check_event_shapes(events):
+    kinds = gw.EventKind
     for i, event in enumerate(events):
-        kind = event[0]
-        assert kind in ("data", "ping", "pong", "close", "error"), event
-        if kind == "data":
-            assert isinstance(event[1], (bytes, bytearray))
-        elif kind in ("ping", "pong"):
-            assert isinstance(event[1], (bytes, bytearray)) and len(event[1]) <= 125
-        elif kind == "close":
-            assert event[1] is None or gw.valid_close_code(event[1])
-            assert isinstance(event[2], str)
+        assert isinstance(event, gw.Event) and isinstance(event.kind, kinds), event
+        if event.kind is kinds.DATA:
+            assert isinstance(event.payload, (bytes, bytearray))
+        elif event.kind in (kinds.PING, kinds.PONG):
+            assert isinstance(event.payload, (bytes, bytearray)) and len(event.payload) <= 125
+        elif event.kind is kinds.CLOSE:
+            assert event.code is None or gw.valid_close_code(event.code)
+            assert isinstance(event.reason, str)
         else:
-            assert event[1] in (1002, 1003, 1007, 1009), event
+            assert event.code in (1002, 1003, 1007, 1009), event
             assert i == len(events) - 1, "events after an error"
 
 
@@ -245,7 +245,7 @@ def test_frame_decoder_never_raises_on_arbitrary_bytes(data, cuts, base64_text):
     events = feed_in_chunks(decoder, data, cuts)
     check_event_shapes(events)
     if decoder.failed:
-        assert events and events[-1][0] == "error"
+        assert events and events[-1].kind is gw.EventKind.ERROR
         assert decoder.feed(b"\x82\x80abcd") == []     # nothing after an error
 
 
@@ -321,10 +321,10 @@ def test_frame_decoder_reproduces_valid_binary_streams_exactly(stream, cuts, cod
     events = feed_in_chunks(decoder, wire, cuts)
     check_event_shapes(events)
     assert not decoder.failed, events[-1]
-    assert b"".join(e[1] for e in events if e[0] == "data") == b"".join(messages)
-    assert [e[1] for e in events if e[0] == "ping"] == pings
+    assert b"".join(e.payload for e in events if e.kind is gw.EventKind.DATA) == b"".join(messages)
+    assert [e.payload for e in events if e.kind is gw.EventKind.PING] == pings
     if code is not None:
-        assert events[-1] == ("close", code, reason)
+        assert events[-1] == gw.Event(gw.EventKind.CLOSE, code=code, reason=reason)
 
 
 @FUZZ
@@ -334,7 +334,7 @@ def test_frame_decoder_reproduces_valid_base64_streams_exactly(stream, cuts):
     decoder = gw.FrameDecoder(base64_text=True)
     events = feed_in_chunks(decoder, wire, cuts)
     assert not decoder.failed, events[-1]
-    data = [e[1] for e in events if e[0] == "data"]
+    data = [e.payload for e in events if e.kind is gw.EventKind.DATA]
     assert data == messages      # one data event per text message, decoded
 
 
@@ -367,7 +367,7 @@ def test_frame_decoder_length_forms(size):
     wire = client_frame(2, payload, mask=b"\x9a\x01\xff\x37")
     decoder = gw.FrameDecoder()
     events = feed_in_chunks(decoder, wire, [1, 2, 5, 9, 13, 14, 1000, 70000])
-    assert b"".join(e[1] for e in events if e[0] == "data") == payload
+    assert b"".join(e.payload for e in events if e.kind is gw.EventKind.DATA) == payload
 
 
 # =====================================================================================

@@ -309,3 +309,59 @@ def test_tunnel_churn_leaks_nothing(gateway_factory, manager, spice_factory):
           f"{sampler.peak['rss_kib']}), threads {threads} -> {gateway.threads()} (peak "
           f"{sampler.peak['threads']}), fds {fds} -> {gateway.fds()} (peak "
           f"{sampler.peak['fds']})")
+
+
+def burst_then_idle(size):
+    """Sends `size` bytes at once, then stays connected and quiet."""
+    def behaviour(sock, record):
+        sock.sendall(fakes.pattern(size, seed=21))
+        record["sent"] = size
+        fakes.hold(sock, record)
+    return behaviour
+
+
+@pytest.mark.slow
+def test_buffers_go_back_to_idle_size_after_a_burst(gateway_factory, manager, spice_factory):
+    """1,000 tunnels each carry one 1 MiB burst and then idle: every tunnel's read
+    buffer goes back to its small size, and the whole gateway holds < 150 MiB."""
+    count = 1000
+    gateway = gateway_factory(Debug=False)
+    spice = spice_factory(burst_then_idle(1 << 20))
+    token = gateway.desktop_token(manager, spice)["spice_port"]
+    rss_before = gateway.rss_kib()
+    sampler = Sampler(gateway)
+    sampler.start()
+    clients = [None] * count
+    errors = []
+
+    def opener(indices):
+        for i in indices:
+            try:
+                ws = WsClient(LOCAL, gateway.port, f"/?ver=2&token={token}",
+                              subprotocols=["binary"], timeout=60)
+                clients[i] = ws
+                if len(ws.recv(1 << 20, timeout=60)) != 1 << 20:
+                    errors.append(f"tunnel {i}: burst cut short")
+            except Exception as exc:
+                errors.append(f"tunnel {i}: {exc!r}")
+
+    threads = [threading.Thread(target=opener, args=(range(k, count, 8),)) for k in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        assert not errors, errors[:5]
+        # Idle now: each desktop buffer shrinks after BUFFER_IDLE_S of quiet.
+        wait_for(lambda: gateway.rss_kib() < 150 * 1024, 20, interval=0.5,
+                 message=f"RSS under 150 MiB (now {gateway.rss_kib()} KiB)")
+        time.sleep(2)   # and it stays there, not only at one sample
+        rss_idle = gateway.rss_kib()
+        assert rss_idle < 150 * 1024, rss_idle
+    finally:
+        sampler.stop.set()
+        for ws in clients:
+            if ws is not None:
+                ws.abort()
+    print(f"\n{count} tunnels after a 1 MiB burst each, idle: RSS {rss_before} -> "
+          f"{rss_idle} KiB (peak {sampler.peak['rss_kib']} KiB)")

@@ -133,6 +133,7 @@ def test_check_config_missing_file(tmp_path):
     ({"Debug": "yes"}, "Debug"),
     ({"ManagerIP": 10}, "ManagerIP"),
     ({"LDAPPort": 70000}, "LDAPPort"),
+    ({"ClientStallTimeout": -1}, "ClientStallTimeout"),
     # LDAPServer needs its companions: the one missing is named.
     ({"LDAPServer": "127.0.0.1", "LDAPSearchRDN": "uid", "LDAPAttribute": "description"},
      "LDAPBaseDN"),

@@ -53,6 +53,7 @@ DEFAULTS = {
     "LDAPUseSSL": False,
     "LDAPCAFile": "",
     "LDAPTimeout": 5,
+    "ClientStallTimeout": 60,
 }
 
 PLACEHOLDER_MODULE = "def main():\n    return 0\n"

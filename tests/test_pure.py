@@ -25,6 +25,7 @@ def test_defaults_are_the_documented_ones():
     assert (config.token_timeout_s, config.public_address, config.manager_ca_file,
             config.manager_timeout_s, config.ldap_use_ssl, config.ldap_ca_file,
             config.ldap_timeout_s) == (300, "", "", 30, False, "", 5)
+    assert config.client_stall_timeout_s == 60
 
 
 def test_key_names_ignore_case():
@@ -47,6 +48,8 @@ def test_password_is_not_in_the_repr():
     ({"Debug": "yes"}, ["Debug", "true or false"]),
     ({"KeepAlive": -1}, ["KeepAlive", "0 or more"]),
     ({"PongTimeout": 0}, ["PongTimeout", "more than 0"]),
+    ({"ClientStallTimeout": 0}, ["ClientStallTimeout", "more than 0"]),
+    ({"clientstalltimeout": "60"}, ["clientstalltimeout", "number"]),
     ({"ManagerIP": 5}, ["ManagerIP", "string"]),
     ({"ManagerIP": "host:99999"}, ["ManagerIP", "port"]),
     ({"ManagerIP": "a b"}, ["ManagerIP"]),
@@ -347,9 +350,9 @@ def test_token_lifetime():
     registry = gw.TokenRegistry(300, clock=clock)
     token = registry.issue(("10.0.0.5", 5901))
     clock.now += 299
-    assert registry.acquire(token) == ("10.0.0.5", 5901)
+    assert registry.acquire(token).desktop == ("10.0.0.5", 5901)
     clock.now += 10_000                      # a tunnel open: no expiry
-    assert registry.acquire(token) == ("10.0.0.5", 5901)
+    assert registry.acquire(token).desktop == ("10.0.0.5", 5901)
     registry.release(token)
     registry.release(token)
     clock.now += 299
@@ -403,8 +406,8 @@ def test_decoder_reproduces_binary_payload_whatever_the_split(chunk, fragment):
     out = bytearray()
     for i in range(0, len(frames), chunk):
         for event in decoder.feed(frames[i:i + chunk]):
-            assert event[0] == "data", event
-            out += event[1]
+            assert event.kind is gw.EventKind.DATA, event
+            out += event.payload
     assert bytes(out) == b"".join(payloads)
 
 
@@ -413,14 +416,16 @@ def test_decoder_control_frames_between_fragments():
     frames = (protocol.send_data(b"abc", fin=False) + protocol.ping(b"p")
               + protocol.send_data(b"def", fin=True) + protocol.close(code=1000, reason="bye"))
     events = gw.FrameDecoder().feed(frames)
-    assert events == [("data", b"abc"), ("ping", b"p"), ("data", b"def"),
-                      ("close", 1000, "bye")]
+    kind = gw.EventKind
+    assert events == [gw.Event(kind.DATA, b"abc"), gw.Event(kind.PING, b"p"),
+                      gw.Event(kind.DATA, b"def"), gw.Event(kind.CLOSE, code=1000, reason="bye")]
 
 
 def test_decoder_base64_text():
     protocol = FrameProtocol(client=True, extensions=[])
     frames = protocol.send_data("AAEC", fin=False) + protocol.send_data("/w==", fin=True)
-    assert gw.FrameDecoder(base64_text=True).feed(frames) == [("data", b"\x00\x01\x02\xff")]
+    assert gw.FrameDecoder(base64_text=True).feed(frames) == [
+        gw.Event(gw.EventKind.DATA, b"\x00\x01\x02\xff")]
 
 
 @pytest.mark.parametrize("frames, base64_text, code", [
@@ -444,8 +449,8 @@ def test_decoder_base64_text():
 ])
 def test_decoder_protocol_errors(frames, base64_text, code):
     events = gw.FrameDecoder(base64_text).feed(frames)
-    assert events[-1][0] == "error" and events[-1][1] == code
-    assert events[-1][2]
+    assert events[-1].kind is gw.EventKind.ERROR and events[-1].code == code
+    assert events[-1].reason
 
 
 @pytest.mark.parametrize("code, valid", [
@@ -468,12 +473,12 @@ def test_unmask_matches_the_rfc_definition(size, offset):
 @pytest.mark.parametrize("length, header_size", [(0, 2), (125, 2), (126, 4), (65535, 4),
                                                  (65536, 10)])
 def test_frame_header_sizes(length, header_size):
-    header = gw.frame_header(gw.OP_BINARY, length)
+    header = gw.frame_header(gw.Opcode.BINARY, length)
     assert len(header) == header_size and header[0] == 0x82
 
 
 def test_max_sent_frame_is_within_64_kib():
-    assert gw.MAX_SEND_PAYLOAD + len(gw.frame_header(gw.OP_BINARY, gw.MAX_SEND_PAYLOAD)) <= 65536
+    assert gw.MAX_SEND_PAYLOAD + len(gw.frame_header(gw.Opcode.BINARY, gw.MAX_SEND_PAYLOAD)) <= 65536
 
 
 # -- logging ---------------------------------------------------------------------------

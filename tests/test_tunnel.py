@@ -152,7 +152,7 @@ def upgrade_raw(gateway, token, extra=b"", subprotocol=b"binary"):
     return sock, head
 
 
-# Sizes around the batching of full frames (_gather_frames): whole frames, then a tail
+# Sizes around the batching of full frames (gather_frames): whole frames, then a tail
 # that needs a 2-byte header (under 126 bytes), a 4-byte one, or nothing.
 @pytest.mark.parametrize("size", [1 << 20, 3 * 65520, 3 * 65520 + 1, 3 * 65520 + 125,
                                   5 * 65520 + 126, 9 * 65520 + 4000])
@@ -196,14 +196,12 @@ def test_gathered_frames_are_whole_minimal_and_in_order(waiting, eof, expected_f
         peer.sendall(more)   # all of it waits in the socket before the gateway reads
         if eof:
             peer.shutdown(socket.SHUT_WR)
-        tunnel = gw.Tunnel.__new__(gw.Tunnel)
-        tunnel.desktop_sock = desktop
         buf = bytearray(10 + gw.DOWN_BATCH_FRAMES * (LIMIT + 4))
         view = memoryview(buf)
-        header = gw.frame_header(gw.OP_BINARY, LIMIT)
+        header = gw.frame_header(gw.Opcode.BINARY, LIMIT)
         buf[10 - len(header):10] = header
         buf[10:10 + LIMIT] = first
-        end, total, last, error = tunnel._gather_frames(buf, view, LIMIT, LIMIT)
+        end, total, last, error = gw.gather_frames(desktop, buf, view, LIMIT, LIMIT)
         assert error is None
         protocol = FrameProtocol(client=True, extensions=[])
         protocol.receive_bytes(bytes(buf[10 - len(header):end]))

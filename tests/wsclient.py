@@ -115,8 +115,9 @@ class WsClient:
     """A blocking WebSocket client over a real (TLS) socket, driven by wsproto."""
 
     def __init__(self, host, port, target, subprotocols=(), tls=True, timeout=10,
-                 auto_pong=True, host_header=None, extra_headers=()):
-        self.sock = connect(host, port, tls=tls, timeout=timeout)
+                 auto_pong=True, host_header=None, extra_headers=(), sock=None):
+        """`sock`: an already connected (TLS) socket to use instead of a new one."""
+        self.sock = sock or connect(host, port, tls=tls, timeout=timeout)
         self.timeout = timeout
         self.auto_pong = auto_pong
         self.ws = WSConnection(ConnectionType.CLIENT)
