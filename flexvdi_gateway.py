@@ -1050,8 +1050,10 @@ def serve_connection(gateway: Gateway, raw: socket.socket, peer: tuple, tls: boo
                                                    do_handshake_on_connect=False)
             try:
                 tls_handshake(sock, deadline)
-            except (ssl.SSLEOFError, ConnectionError) as exc:
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as exc:
                 # Load balancer health checks connect and close: not worth a warning.
+                # (A peer's EOF in the handshake is SSLZeroReturnError on Python 3.11.2,
+                # Debian 12's, and SSLEOFError on later 3.11 releases.)
                 log.debug("%s: closed during the TLS handshake: %s", client, exc)
                 return
             except (ssl.SSLError, OSError) as exc:
