@@ -604,7 +604,7 @@ class Gateway:
         deadline = time.monotonic() + timeout_s
         while self.open_tunnels and time.monotonic() < deadline:
             # Polled, not notified: a wake-up per closing tunnel, each waiting for the
-            # GIL behind thousands of closing threads, made the stop take 19 s.
+            # GIL behind thousands of closing threads, made the stop miss its 5 s.
             time.sleep(0.05)
         return len(tunnels)
 
@@ -2100,8 +2100,8 @@ def _new_buffer(size: int, old=None, old_view: memoryview | None = None):
 
     Large buffers are anonymous mappings: unmapped when the burst is over, their
     memory really goes back to the system. From malloc, freed 256 KiB blocks stay in
-    the process (glibc raises its mmap threshold after the first free), and 1,000
-    tunnels after one burst each held 360 MiB.
+    the process (glibc raises its mmap threshold after the first free), so RSS kept
+    every tunnel's largest buffer (tests/test_load.py measures it).
     """
     if old_view is not None:
         old_view.release()
