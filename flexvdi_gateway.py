@@ -2306,7 +2306,8 @@ class CloseLinger:
     """After our Close is out, how long to wait for the client's Close answer.
 
     Until the client has taken every byte (our send queue is empty), then
-    CLOSE_LINGER_S after that or after the client's last byte, whichever is later.
+    CLOSE_LINGER_S after that or after the client's last byte (counted for GRACE_S at
+    most, so that an upload going on does not hold the tunnel), whichever is later.
     Closing earlier, a slow client still reading its backlog would answer a Ping into
     a closed socket, get a reset, and lose what it had not read. A send queue that
     does not shrink for GRACE_S means the client is not reading.
@@ -2326,7 +2327,8 @@ class CloseLinger:
             if now - self._progress_at >= GRACE_S:
                 return now, f"client not reading: no byte accepted in {GRACE_S:g} s"
             return now + 0.5, None
-        end_by = max(self._progress_at, heard_at) + CLOSE_LINGER_S
+        heard = min(heard_at, self._progress_at + GRACE_S)
+        end_by = max(self._progress_at, heard) + CLOSE_LINGER_S
         return (now, "no Close answer from the client") if now >= end_by else (end_by, None)
 
 
@@ -2424,6 +2426,15 @@ class Tunnel:
         data = early
         drained = False   # the last read took everything: wait before reading again
         while not self._end.ended:
+            if linger is None and writer.close_out_at is not None:
+                # The down thread's Close is out (desktop gone, SIGTERM): from now on
+                # only the client's answer is awaited, whatever else it still sends.
+                linger = CloseLinger(self.client_sock, writer.close_out_at)
+            if linger is not None:
+                look_again, why = linger.check(time.monotonic(), heard_at)
+                if why:
+                    self._end.end(why)
+                    return
             if not data:
                 data, drained = (None, False) if drained else self._read_client()
             if data is not None:
@@ -2442,19 +2453,10 @@ class Tunnel:
             if ping_at is not None and life.heard_at >= ping_at:   # heard on another tunnel
                 writer.ping_out_at = ping_at = None
             pong_due = None if ping_at is None else ping_at + pong_timeout_s
-            look_again = None
-            if desktop_gone:
-                # The down thread delivers what the desktop sent, then our Close (the
-                # writer bounds that by the client's progress); then we linger.
-                if linger is None and writer.close_out_at is not None:
-                    linger = CloseLinger(self.client_sock, writer.close_out_at)
-                if linger is None:
-                    look_again = time.monotonic() + 0.5
-                else:
-                    look_again, why = linger.check(time.monotonic(), heard_at)
-                    if why:
-                        self._end.end(why)
-                        return
+            if linger is None:
+                # Desktop gone: the down thread delivers what it sent, then our Close
+                # (the writer bounds that by the client's progress); look for it soon.
+                look_again = time.monotonic() + 0.5 if desktop_gone or writer.closing else None
             timers = [t for t in (next_ping, pong_due, look_again) if t is not None]
             timeout_ms = (max(0, int((min(timers) - time.monotonic()) * 1000)) + 1
                           if timers else None)
