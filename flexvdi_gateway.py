@@ -1740,10 +1740,11 @@ def encode_frame(opcode: Opcode, payload: bytes = b"") -> bytes:
     return frame_header(opcode, len(payload)) + payload
 
 
-def close_frame(code: int | None, reason: str = "") -> bytes:
+def close_payload(code: int | None, reason: str = "") -> bytes:
+    """A Close frame's payload: the code and a reason cut to fit a control frame."""
     if code is None:
-        return encode_frame(Opcode.CLOSE)
-    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode()[:120])
+        return b""
+    return struct.pack("!H", code) + reason.encode()[:120]
 
 
 _XOR_TABLES = [bytes(value ^ key for value in range(256)) for key in range(256)]
@@ -2184,8 +2185,7 @@ class ClientWriter:
             self.flush()
 
     def queue_close(self, code: int | None, reason: str = "", write: bool = True) -> None:
-        payload = close_frame(code, reason)[2:]   # at most 122 bytes: a 2-byte header
-        self.queue(Opcode.CLOSE, payload, write)
+        self.queue(Opcode.CLOSE, close_payload(code, reason), write)
 
     def flush(self, deadline: float | None = None) -> None:
         """Writes the queued control frames unless another thread is writing (which
@@ -2342,7 +2342,7 @@ class Tunnel:
 
     def __init__(self, config: Config, client_sock: socket.socket, desktop_sock: socket.socket,
                  client: str, desktop: tuple[str, int], token: str,
-                 subprotocol: str | None, version: int, life: ClientLife | None = None):
+                 subprotocol: str | None, version: int, life: ClientLife):
         self.config = config
         self.client_sock = client_sock
         self.desktop_sock = desktop_sock
@@ -2351,7 +2351,7 @@ class Tunnel:
         self.token = token
         self.subprotocol = subprotocol
         self.version = version
-        self.life = life or ClientLife()
+        self.life = life
         # Clients without ver >= 2 do not answer Pings: they never get one.
         self.keepalive_s = config.keepalive_s if version >= 2 else 0
         self.started = time.monotonic()
@@ -2593,9 +2593,7 @@ class Tunnel:
         drained = False   # the last read was short: wait before reading again
         while not self._end.ended:
             if writer.closing:   # SIGTERM, or the up thread is closing: no more data
-                writer.flush()
-                if self._stopping:
-                    self._end.end("gateway stopping")
+                self._stop_relaying_down()
                 return
             try:
                 if drained:
@@ -2623,10 +2621,8 @@ class Tunnel:
             if size == 0:
                 # Every byte the desktop sent has been delivered: now Close 1000,
                 # and the up thread waits a moment for the client's answer.
-                self._end.note("desktop closed")
-                writer.desktop_gone()
-                writer.queue_close(CloseReason.NORMAL_CLOSURE, "desktop closed")
-                _hard_shutdown(self.desktop_sock)
+                self._desktop_gone(CloseReason.NORMAL_CLOSURE, "desktop closed",
+                                   "desktop closed")
                 return
             error = None
             if base64_mode:
@@ -2639,9 +2635,7 @@ class Tunnel:
                 end, total, size, error = gather_frames(self.desktop_sock, buf, view, size, limit)
                 frames = view[start:end]
             if not writer.send_data(frames):
-                writer.flush()   # a Close queued meanwhile (SIGTERM)
-                if self._stopping:
-                    self._end.end("gateway stopping")
+                self._stop_relaying_down()
                 return
             self.bytes_down += total
             if error is not None:
@@ -2655,10 +2649,23 @@ class Tunnel:
                                         buf, view)
 
     def _desktop_lost(self, exc: OSError) -> None:
-        self._end.note(f"desktop connection lost: {exc.strerror or exc}")
+        self._desktop_gone(CloseReason.INTERNAL_ERROR, "desktop connection lost",
+                           f"desktop connection lost: {exc.strerror or exc}")
+
+    def _desktop_gone(self, code: CloseReason, text: str, why: str) -> None:
+        """Our Close after what the desktop sent; the desktop socket's shutdown then
+        wakes the up thread, which waits for the client's answer."""
+        self._end.note(why)
         self.writer.desktop_gone()
-        self.writer.queue_close(CloseReason.INTERNAL_ERROR, "desktop connection lost")
+        self.writer.queue_close(code, text)
         _hard_shutdown(self.desktop_sock)
+
+    def _stop_relaying_down(self) -> None:
+        """The writer is closing: our Close goes out (it may be queued behind the frame
+        that was being written); at SIGTERM the tunnel then ends without waiting."""
+        self.writer.flush()
+        if self._stopping:
+            self._end.end("gateway stopping")
 
 
 # =====================================================================================
